@@ -1,0 +1,1 @@
+"""recaption: turn web image shards into a densely recaptioned training corpus."""

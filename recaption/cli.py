@@ -1,0 +1,118 @@
+"""`recaption`: one command, with subcommands. Start reading at `cmd_run`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from recaption.config import ConfigError, load_config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from recaption.pipeline import RunError, run
+    from recaption.sources import InputError
+
+    overrides = list(args.set)
+    if args.input:
+        overrides.append(f"input.path={args.input}")
+    if args.output:
+        overrides.append(f"output.path={args.output}")
+    cfg = load_config(args.pipeline, overrides)
+    try:
+        summary = run(cfg, show_progress=not args.quiet)
+    except (InputError, RunError) as exc:
+        raise ConfigError(str(exc)) from None
+    for line in summary.lines():
+        print(f"recaption: {line}")
+    return 1 if summary.failed else 0
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from recaption.samples import write_samples
+
+    try:
+        paths = write_samples(
+            Path(args.dir), shards=args.shards, per_shard=args.per_shard, seed=args.seed
+        )
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"recaption: wrote {len(paths)} sample shards x {args.per_shard} URLs to {args.dir}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from recaption.report import write_report
+
+    try:
+        path = write_report(Path(args.corpus), limit=args.limit)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"recaption: report written to {path}")
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from recaption.records import write_json_schemas
+
+    for path in write_json_schemas(Path(args.dir)):
+        print(f"recaption: wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recaption", description="Recaption web image shards into a dense-caption corpus."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="caption input shards into a Parquet corpus")
+    p.add_argument(
+        "--pipeline", required=True, help="pipeline YAML file, e.g. pipelines/default.yaml"
+    )
+    p.add_argument("--input", help="input shards folder (same as --set input.path=...)")
+    p.add_argument("--output", help="output corpus folder (same as --set output.path=...)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. ray.workers=4",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("samples", help="write bundled sample web shards (img2dataset layout)")
+    p.add_argument("dir")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--per-shard", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_samples)
+
+    p = sub.add_parser(
+        "report", help="write CORPUS/report/index.html: images, alt text and new captions"
+    )
+    p.add_argument("corpus")
+    p.add_argument("--limit", type=int, default=60, help="rows shown")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("schemas", help="write the JSON Schema files of the records to DIR")
+    p.add_argument("dir", nargs="?", default="schemas")
+    p.set_defaults(func=cmd_schemas)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"recaption: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("recaption: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The job: input shards in, corpus shards out, on Ray.
+
+run() ── list_shards ── skip shards already in the manifest ── ShardWorker actors
+ShardWorker.process(shard) = process_shard():
+    read_samples ─▶ prepare ─▶ captioner.caption ─▶ validate_caption ─▶ ShardWriter
+                      │ every failure becomes a Rejection row, never a crash
+the driver records each finished shard in manifest.json as it completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import platform
+import resource
+import socket
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from tqdm import tqdm
+
+from recaption.captioners import Captioner, CaptionFailure, make_captioner
+from recaption.config import PipelineConfig, RayConfig, redacted
+from recaption.images import ImageRejected, PreparedImage, prepare
+from recaption.records import CaptionRecord, Manifest, Reason, Rejection, ShardReport, Stage
+from recaption.sinks import DATA_DIR, REJECTED_DIR, ShardWriter, load_manifest, write_manifest
+from recaption.sources import Sample, Shard, list_shards, read_samples
+from recaption.validation import CaptionInvalid, validate_caption
+
+_TRUNCATION = {Reason.truncated_member, Reason.missing_from_tar}
+
+
+class RunError(Exception):
+    """The run cannot proceed; the message is one line for the user."""
+
+
+# --- one shard -------------------------------------------------------------------------------
+
+
+def process_shard(
+    shard: Shard,
+    cfg: PipelineConfig,
+    captioner: Captioner,
+    on_sample: Callable[[], None] = lambda: None,
+) -> ShardReport:
+    """Caption one shard and commit its output; every sample ends in data/ or rejected/."""
+    return asyncio.run(_process_shard(shard, cfg, captioner, on_sample))
+
+
+async def _process_shard(
+    shard: Shard, cfg: PipelineConfig, captioner: Captioner, on_sample: Callable[[], None]
+) -> ShardReport:
+    started = time.perf_counter()
+    writer = ShardWriter(Path(cfg.output.path), shard.id, cfg.output.row_group_size)
+    timings: Counter[str] = Counter()
+    rejected: Counter[str] = Counter()
+    usage: Counter[str] = Counter()
+
+    def reject(
+        sample: Sample, stage: Stage, reason: Reason, detail: str, attempts: int = 0
+    ) -> None:
+        writer.reject(
+            Rejection(
+                key=sample.key,
+                shard=shard.id,
+                url=sample.url,
+                stage=stage,
+                reason=reason,
+                detail=detail[:500],
+                attempts=attempts,
+            )
+        )
+        rejected[reason] += 1
+        on_sample()
+
+    async def caption_one(sample: Sample, image: PreparedImage) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = await captioner.caption(image)
+        except CaptionFailure as exc:
+            return reject(sample, Stage.caption, exc.reason, exc.detail, exc.attempts)
+        except Exception as exc:  # a backend bug must cost one row, not the shard
+            return reject(
+                sample, Stage.caption, Reason.caption_error, f"{type(exc).__name__}: {exc}", 1
+            )
+        finally:
+            timings["caption_s"] += time.perf_counter() - t0
+        latency_ms = (time.perf_counter() - t0) * 1000
+        t1 = time.perf_counter()
+        try:
+            caption = validate_caption(result.caption, cfg.validation)
+        except CaptionInvalid as exc:
+            return reject(sample, Stage.validate, exc.reason, exc.detail, result.attempts)
+        finally:
+            timings["validate_s"] += time.perf_counter() - t1
+        usage.update(input_tokens=result.input_tokens, output_tokens=result.output_tokens)
+        usage["cost_micro_usd"] += round(result.cost_usd * 1e6)
+        t2 = time.perf_counter()
+        writer.add(
+            CaptionRecord(
+                key=sample.key,
+                shard=shard.id,
+                url=sample.url,
+                alt_text=sample.alt_text,
+                image=image.data if cfg.output.store_images else None,
+                image_sha256=image.sha256,
+                width=image.width,
+                height=image.height,
+                **caption.model_dump(),
+                model=captioner.model,
+                backend=captioner.backend,
+                prompt_version=captioner.prompt_version,
+                input_tokens=result.input_tokens,
+                output_tokens=result.output_tokens,
+                cost_usd=result.cost_usd,
+                attempts=result.attempts,
+                latency_ms=round(latency_ms, 3),
+                created_at=datetime.now(UTC),
+            )
+        )
+        timings["write_s"] += time.perf_counter() - t2
+        on_sample()
+
+    in_flight = asyncio.Semaphore(cfg.limits.concurrency)
+    tasks: set[asyncio.Task] = set()
+
+    def finished(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        in_flight.release()
+
+    samples = 0
+    try:
+        stream = read_samples(shard)
+        while True:
+            t0 = time.perf_counter()
+            sample = next(stream, None)
+            timings["read_s"] += time.perf_counter() - t0
+            if sample is None:
+                break
+            samples += 1
+            if sample.error:
+                reject(sample, Stage.read, *sample.error)
+                continue
+            t0 = time.perf_counter()
+            try:
+                image = prepare(sample.image, cfg.captioner.image)
+            except ImageRejected as exc:
+                reject(sample, Stage.decode, exc.reason, exc.detail)
+                continue
+            finally:
+                sample.image = None  # the raw bytes are not needed past this point
+                timings["prepare_s"] += time.perf_counter() - t0
+            await in_flight.acquire()  # at most `limits.concurrency` images held in flight
+            task = asyncio.create_task(caption_one(sample, image))
+            tasks.add(task)
+            task.add_done_callback(finished)
+        await asyncio.gather(*tasks)
+        t0 = time.perf_counter()
+        writer.commit()
+        timings["write_s"] += time.perf_counter() - t0
+    except BaseException:
+        writer.abort()
+        raise
+
+    timings["total_s"] = time.perf_counter() - started
+    return ShardReport(
+        shard=shard.id,
+        source=str(shard.path),
+        samples=samples,
+        captioned=writer.data.count,
+        rejected=writer.rejected.count,
+        rejected_by_reason=dict(sorted(rejected.items())),
+        truncated=any(reason in _TRUNCATION for reason in rejected),
+        input_tokens=usage["input_tokens"],
+        output_tokens=usage["output_tokens"],
+        cost_usd=usage["cost_micro_usd"] / 1e6,
+        timings={k: round(v, 4) for k, v in sorted(timings.items())},
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+        finished_at=datetime.now(UTC),
+    )
+
+
+# --- Ray workers ------------------------------------------------------------------------------
+
+
+@ray.remote(max_concurrency=2)  # threaded: `progress` answers while `process` runs
+class ShardWorker:
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.captioner = make_captioner(cfg.captioner)  # loaded once, reused for every shard
+        self.samples_done = 0
+
+    def _tick(self) -> None:
+        self.samples_done += 1
+
+    def process(self, shard: Shard) -> ShardReport:
+        return process_shard(shard, self.cfg, self.captioner, self._tick)
+
+    def progress(self) -> int:
+        return self.samples_done
+
+
+@contextlib.contextmanager
+def ray_runtime(rc: RayConfig) -> Iterator[None]:
+    """Join the cluster at `ray.address`, or start a local Ray sized for the workers.
+    An already initialised Ray (a test session, a notebook) is used as it is."""
+    if ray.is_initialized():
+        yield
+        return
+    if rc.address:
+        ray.init(address=rc.address, log_to_driver=False, logging_level="WARNING")
+    else:
+        cpus = max(os.cpu_count() or 1, math.ceil(rc.workers * rc.cpus_per_worker))
+        ray.init(
+            num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING"
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    corpus: Path
+    shards: int
+    skipped: int
+    finished: list[ShardReport] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def samples(self) -> int:
+        return sum(r.samples for r in self.finished)
+
+    def lines(self) -> list[str]:
+        captioned = sum(r.captioned for r in self.finished)
+        reasons: Counter[str] = Counter()
+        for r in self.finished:
+            reasons.update(r.rejected_by_reason)
+        rate = self.samples / self.seconds if self.seconds else 0.0
+        out = [
+            f"shards: {len(self.finished)} done, {self.skipped} already done, {len(self.failed)} failed "
+            f"(of {self.shards})",
+            f"samples: {self.samples} -> {captioned} captioned, {sum(reasons.values())} rejected"
+            + (f" ({', '.join(f'{k} {v}' for k, v in reasons.most_common())})" if reasons else ""),
+            f"speed: {rate:.1f} images/s over {self.seconds:.1f}s",
+            f"corpus: {self.corpus}",
+        ]
+        out += [f"failed shard {sid}: {err}" for sid, err in sorted(self.failed.items())]
+        return out
+
+
+def _versions() -> dict[str, str]:
+    names = (
+        "recaption",
+        "ray",
+        "pyarrow",
+        "pillow",
+        "pydantic",
+        "numpy",
+        "opencv-python-headless",
+        "openai",
+    )
+    found = {"python": platform.python_version()}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
+
+
+def _committed(corpus: Path, manifest: Manifest) -> set[str]:
+    return {
+        sid
+        for sid in manifest.shards
+        if (corpus / DATA_DIR / f"{sid}.parquet").exists()
+        and (corpus / REJECTED_DIR / f"{sid}.parquet").exists()
+    }
+
+
+def _error_line(exc: BaseException) -> str:
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+
+
+def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
+    started = time.perf_counter()
+    shards = list_shards(cfg.input.path, cfg.input.format)
+    corpus = Path(cfg.output.path)
+    try:
+        corpus.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot create output folder {corpus}: {exc.strerror or exc}") from None
+    now = datetime.now(UTC)
+    manifest = load_manifest(corpus) or Manifest(
+        recaption_version=_versions().get("recaption", "0"),
+        created_at=now,
+        updated_at=now,
+        config={},
+    )
+    manifest.config = redacted(cfg)
+    manifest.versions = _versions()
+    done = _committed(corpus, manifest)
+    todo = deque(s for s in shards if s.id not in done)
+    summary = RunSummary(corpus=corpus, shards=len(shards), skipped=len(shards) - len(todo))
+    if not todo:
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    expected = None
+    with contextlib.suppress(Exception):
+        expected = sum(s.expected_samples() for s in todo)
+    with ray_runtime(cfg.ray):
+        n_workers = min(cfg.ray.workers, len(todo))
+
+        def new_worker():
+            return ShardWorker.options(num_cpus=cfg.ray.cpus_per_worker).remote(cfg)
+
+        workers = [new_worker() for _ in range(n_workers)]
+        running: dict[ray.ObjectRef, tuple[int, Shard]] = {}
+
+        def submit(slot: int) -> None:
+            if todo:
+                shard = todo.popleft()
+                running[workers[slot].process.remote(shard)] = (slot, shard)
+
+        for slot in range(n_workers):
+            submit(slot)
+        bar = tqdm(
+            total=expected,
+            unit="img",
+            disable=not show_progress,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            for ref in ready:
+                slot, shard = running.pop(ref)
+                try:
+                    report: ShardReport = ray.get(ref)
+                except RayActorError as exc:  # the worker process died: replace it
+                    summary.failed[shard.id] = _error_line(exc)
+                    workers[slot] = new_worker()
+                except RayTaskError as exc:
+                    summary.failed[shard.id] = _error_line(exc)
+                else:
+                    manifest.shards[shard.id] = report
+                    write_manifest(corpus, manifest)
+                    summary.finished.append(report)
+                submit(slot)
+            if show_progress:
+                with contextlib.suppress(Exception):
+                    total = sum(ray.get([w.progress.remote() for w in workers], timeout=5))
+                    bar.update(max(0, total - bar.n))
+                    bar.set_postfix(
+                        shards=f"{len(summary.finished)}/{summary.shards - summary.skipped}"
+                    )
+        bar.close()
+    summary.seconds = time.perf_counter() - started
+    return summary

@@ -1,0 +1,217 @@
+"""The data contracts: the caption a captioner fills, the rows of the corpus, the manifest.
+
+These pydantic models are the single source of truth. The Parquet schemas are derived
+from them (`arrow_schema`) and `schemas/*.json` is generated from them (`write_json_schemas`).
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+# Bump when a column is added, removed or changes meaning; stored in each Parquet file's metadata.
+SCHEMA_VERSION = "1"
+
+
+class Stage(StrEnum):
+    read = "read"
+    decode = "decode"
+    caption = "caption"
+    validate = "validate"
+
+
+class Reason(StrEnum):
+    """Why a sample is in `rejected/`. Short, stable, groupable."""
+
+    # read: the shard itself
+    missing_image = "missing_image"  # metadata (.json/.txt) without an image member
+    truncated_member = "truncated_member"  # the tar ends inside this sample
+    missing_from_tar = (
+        "missing_from_tar"  # listed as downloaded in the shard parquet, not in the tar
+    )
+    duplicate_key = "duplicate_key"  # a repeat of a key already seen in this shard
+    download_failed = "download_failed"  # img2dataset recorded a failed download
+    # decode: the image bytes
+    empty_file = "empty_file"
+    not_an_image = "not_an_image"
+    truncated_image = "truncated_image"
+    too_many_pixels = "too_many_pixels"
+    decode_error = "decode_error"
+    # caption: the backend
+    caption_error = "caption_error"
+    refusal = "refusal"
+    # validate: the caption
+    schema_invalid = "schema_invalid"
+    empty = "empty"
+    too_short = "too_short"
+    too_long = "too_long"
+    repetition = "repetition"
+    truncated_output = "truncated_output"
+    wrong_language = "wrong_language"
+
+
+class Caption(BaseModel):
+    """What a captioner (pixel analyzer or VLM) must produce for one image.
+
+    This is also the structured-output schema sent to VLMs, so every field is required
+    and descriptions are written for the model.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    caption: str = Field(
+        description="A dense, factual description of the image in about 100 words: subjects, "
+        "their attributes, positions and relations, setting, colours, lighting, style, any text."
+    )
+    caption_short: str = Field(description="One sentence summarising the image.")
+    objects: list[str] = Field(description="The distinct visible objects, short noun phrases.")
+    visible_text: list[str] = Field(
+        description="Legible text in the image, verbatim; empty if none."
+    )
+    style: str = Field(description="The medium or style: photograph, illustration, graphic, ...")
+
+
+class CaptionRecord(BaseModel):
+    """One row of `data/NNNNN.parquet`."""
+
+    key: str
+    shard: str
+    url: str | None
+    alt_text: str | None
+    image: bytes | None = Field(
+        description="The prepared image (re-encoded), if output.store_images"
+    )
+    image_sha256: str = Field(description="sha256 of the prepared image bytes")
+    width: int
+    height: int
+    caption: str
+    caption_short: str
+    objects: list[str]
+    visible_text: list[str]
+    style: str
+    model: str
+    backend: str
+    prompt_version: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    attempts: int
+    latency_ms: float
+    created_at: datetime
+
+
+class Rejection(BaseModel):
+    """One row of `rejected/NNNNN.parquet`: an input sample that is not in `data/`, and why."""
+
+    key: str
+    shard: str
+    url: str | None
+    stage: Stage
+    reason: Reason
+    detail: str
+    attempts: int = 0
+
+
+class ShardReport(BaseModel):
+    """What one input shard became; recorded in the manifest when its output is committed."""
+
+    shard: str
+    source: str
+    samples: int
+    captioned: int
+    rejected: int
+    rejected_by_reason: dict[str, int] = {}
+    truncated: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    timings: dict[str, float] = {}
+    peak_rss_mb: float = 0.0
+    worker: str = ""
+    finished_at: datetime
+
+
+class Manifest(BaseModel):
+    """`manifest.json`: how the corpus was made and what is in it."""
+
+    schema_version: str = SCHEMA_VERSION
+    recaption_version: str
+    created_at: datetime
+    updated_at: datetime
+    config: dict[str, typing.Any]
+    versions: dict[str, str] = {}
+    shards: dict[str, ShardReport] = {}
+    totals: dict[str, typing.Any] = {}
+
+
+# --- Parquet schemas derived from the models ---------------------------------------------
+
+_ARROW_TYPES: dict[typing.Any, pa.DataType] = {
+    str: pa.string(),
+    int: pa.int64(),
+    float: pa.float64(),
+    bool: pa.bool_(),
+    bytes: pa.binary(),
+    datetime: pa.timestamp("us", tz="UTC"),
+    Stage: pa.string(),
+    Reason: pa.string(),
+}
+
+
+def _arrow_type(annotation: typing.Any) -> tuple[pa.DataType, bool]:
+    """(arrow type, nullable) for a field annotation."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return _arrow_type(inner[0])[0], True
+    if typing.get_origin(annotation) is list:
+        return pa.list_(_arrow_type(args[0])[0]), False
+    return _ARROW_TYPES[annotation], False
+
+
+def arrow_schema(model: type[BaseModel]) -> pa.Schema:
+    fields = []
+    for name, info in model.model_fields.items():
+        dtype, nullable = _arrow_type(info.annotation)
+        fields.append(pa.field(name, dtype, nullable=nullable))
+    return pa.schema(fields, metadata={"recaption.schema_version": SCHEMA_VERSION})
+
+
+DATA_SCHEMA = arrow_schema(CaptionRecord)
+REJECTED_SCHEMA = arrow_schema(Rejection)
+
+
+# --- JSON Schema files (schemas/*.json) ----------------------------------------------------
+
+JSON_SCHEMA_MODELS: dict[str, type[BaseModel]] = {
+    "caption": Caption,
+    "caption_record": CaptionRecord,
+    "rejection": Rejection,
+    "manifest": Manifest,
+}
+
+
+def json_schemas() -> dict[str, str]:
+    """File name -> JSON text, exactly as written to schemas/."""
+    return {
+        f"{name}.schema.json": json.dumps(model.model_json_schema(), indent=2, sort_keys=True)
+        + "\n"
+        for name, model in JSON_SCHEMA_MODELS.items()
+    }
+
+
+def write_json_schemas(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in json_schemas().items():
+        path = directory / name
+        path.write_text(text)
+        written.append(path)
+    return written

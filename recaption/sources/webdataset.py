@@ -1,0 +1,114 @@
+"""img2dataset `webdataset` shards: NNNNN.tar (+ NNNNN.parquet metadata, + NNNNN_stats.json).
+
+The tar is streamed member by member (never extracted to disk, so a member named
+`../../x.jpg` is only a key). Members of one sample are consecutive, as webdataset writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+from collections.abc import Iterator
+
+import pyarrow.parquet as pq
+
+from recaption.records import Reason
+from recaption.sources import IMAGE_EXTENSIONS, Sample, Shard, status_error
+
+_META_COLUMNS = ("key", "url", "caption", "status", "error_message")
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset convention: the key is the path up to the first dot of the basename."""
+    directory, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return (posixpath.join(directory, stem) if directory else stem), ext.lower()
+
+
+def _load_metadata(shard: Shard) -> dict[str, dict]:
+    if shard.metadata is None:
+        return {}
+    schema_names = pq.read_schema(shard.metadata).names
+    columns = [c for c in _META_COLUMNS if c in schema_names]
+    if "key" not in columns:
+        return {}
+    rows = pq.read_table(shard.metadata, columns=columns).to_pylist()
+    return {str(row["key"]): row for row in rows}
+
+
+def _to_sample(shard: Shard, key: str, members: dict[str, bytes], meta: dict) -> Sample:
+    info: dict = {}
+    if "json" in members:
+        try:
+            info = json.loads(members["json"])
+        except ValueError:
+            info = {}
+    alt = (
+        members["txt"].decode("utf-8", "replace")
+        if "txt" in members
+        else info.get("caption", meta.get("caption"))
+    )
+    sample = Sample(
+        key=key, shard=shard.id, url=info.get("url", meta.get("url")), alt_text=alt, meta=info
+    )
+    image_ext = next((ext for ext in members if ext in IMAGE_EXTENSIONS), None)
+    if image_ext is None:
+        sample.error = (Reason.missing_image, f"sample has {sorted(members)} but no image member")
+    else:
+        sample.image = members[image_ext]
+    return sample
+
+
+def read_webdataset(shard: Shard) -> Iterator[Sample]:
+    metadata = _load_metadata(shard)
+    seen: set[str] = set()
+    key: str | None = None  # the sample being gathered, if any
+    members: dict[str, bytes] = {}
+
+    def flush() -> Sample:
+        seen.add(key)
+        return _to_sample(shard, key, members, metadata.get(key, {}))
+
+    try:
+        with tarfile.open(shard.path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, ext = split_member_name(member.name)
+                if key is not None and (member_key != key or ext in members):
+                    yield flush()
+                    members = {}
+                key = member_key
+                members[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        # The tar is cut or corrupt. Every sample before this one was yielded complete;
+        # this one may be missing members, so it is rejected rather than guessed at.
+        if key is not None:
+            seen.add(key)
+            url = metadata.get(key, {}).get("url")
+            yield Sample(
+                key=key,
+                shard=shard.id,
+                url=url,
+                error=(Reason.truncated_member, f"tar ends inside this sample: {exc}"),
+            )
+        key = None
+    if key is not None:
+        yield flush()
+
+    # Keys img2dataset listed but the tar does not hold: failed downloads, or lost to a cut.
+    for meta_key, row in metadata.items():
+        if meta_key in seen:
+            continue
+        error = status_error(row.get("status"), row.get("error_message")) or (
+            Reason.missing_from_tar,
+            "listed as downloaded in the shard parquet but absent from the tar",
+        )
+        yield Sample(
+            key=meta_key,
+            shard=shard.id,
+            url=row.get("url"),
+            alt_text=row.get("caption"),
+            error=error,
+        )
