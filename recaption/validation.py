@@ -36,7 +36,10 @@ BOILERPLATE = re.compile(
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?", re.UNICODE)
 # A handful of the commonest English function words: a dense caption always has some.
 _ENGLISH = frozenset(
-    ["a", "an", "the", "of", "and", "in", "on", "with", "at", "to", "is", "are", "its", "it", "this", "that", "by", "from", "as", "for", "near", "above", "below", "behind", "left", "right", "top", "bottom", "center", "centre", "which", "while"]
+    (
+        "a an the of and in on with at to is are its it this that by from as for near above "
+        "below behind left right top bottom center centre which while"
+    ).split()
 )
 
 
@@ -81,10 +84,8 @@ def validate_caption(caption: Caption, rules: ValidationConfig) -> Caption:
     lowered = [w.lower() for w in words]
     share = _repeated_share(lowered)
     top_word, top_count = Counter(lowered).most_common(1)[0]
-    if (
-        share > rules.max_repeated_ngram_share
-        or (top_count > max(8, len(words) // 4)
-        and top_word not in _ENGLISH)
+    if share > rules.max_repeated_ngram_share or (
+        top_count > max(8, len(words) // 4) and top_word not in _ENGLISH
     ):
         raise CaptionInvalid(Reason.repetition, f"{share:.0%} of word trigrams repeat")
     if not dense.rstrip().endswith((".", "!", "?", '"', "”", ")")):

@@ -443,9 +443,7 @@ def describe(a: Analysis, seed: str = "") -> Caption:
             f"A simple flat illustration of {_count(len(shapes), 'geometric shape')} against a plain {a.background} background.",
         )[variant % 2]
         sentences = [opening, f"There is {_join([_shape_phrase(s) for s in shapes])}."]
-        relations = [
-            r for r in (_relation(x, y) for x, y in itertools.pairwise(shapes)) if r
-        ]
+        relations = [r for r in (_relation(x, y) for x, y in itertools.pairwise(shapes)) if r]
         if relations:
             sentences.append(_join(relations).capitalize() + ".")
         short = f"{kinds[0].upper()}{kinds[1:]} on a {a.background} background."
