@@ -217,7 +217,7 @@ class Analyzer:
         return sorted(((x + fw / 2) / gw, (y + fh / 2) / gh) for x, y, fw, fh in found)
 
     def _read_text(self, rgb: np.ndarray) -> list[str]:
-        result, _ = self._ocr(_resize(rgb, 640))
+        result, _ = self._ocr(_resize(rgb, 640), use_cls=False)  # web text is mostly upright
         lines = []
         for _box, text, score in sorted(result or [], key=lambda r: (r[0][0][1], r[0][0][0])):
             text = " ".join(str(text).split())
@@ -300,7 +300,6 @@ def _regions(labels: np.ndarray, background: int | None) -> list[Region]:
 def text_likely(rgb: np.ndarray) -> bool:
     """A cheap gate before OCR: several glyph-sized blobs of similar height side by side."""
     gray = cv2.cvtColor(_resize(rgb, _TEXT_SIDE), cv2.COLOR_RGB2GRAY)
-    aligned = 0
     for flag in (cv2.THRESH_BINARY_INV, cv2.THRESH_BINARY):  # dark-on-light and light-on-dark
         binary = cv2.adaptiveThreshold(gray, 255, cv2.ADAPTIVE_THRESH_MEAN_C, flag, 15, 12)
         _n, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
@@ -319,9 +318,11 @@ def text_likely(rgb: np.ndarray) -> bool:
         similar = np.abs(gh[:, None] - gh[None, :]) < 0.35 * gh[:, None]
         gap = np.maximum(x0[None, :] - x1[:, None], x0[:, None] - x1[None, :])
         close = (gap < 1.0 * gh[:, None]) & (gap > -0.2 * gh[:, None])
-        neighbours = (same_line & similar & close).sum(1) - 1
-        aligned += int((neighbours >= 2).sum())
-    return aligned >= 6
+        neighbours = (same_line & similar & close).sum(1)  # a glyph is never `close` to itself
+        # a word: glyphs in a chain, so some have a neighbour on each side
+        if (neighbours >= 2).sum() >= 2 and (neighbours >= 1).sum() >= 4:
+            return True
+    return False
 
 
 # --- prose ---------------------------------------------------------------------------------
