@@ -65,6 +65,7 @@ class Analysis:
     flat_share: float  # share of pixels with almost no local gradient
     detail: np.ndarray  # 3x3 mean gradient
     top_bottom: float  # mean L* of the top third minus the bottom third
+    tones: tuple[str, str]  # the commonest colour among the darkest and the brightest 5% of pixels
     regions: list[Region] = field(default_factory=list)
     faces: list[tuple[float, float]] = field(default_factory=list)  # centres, 0..1
     text: list[str] = field(default_factory=list)
@@ -199,6 +200,7 @@ class Analyzer:
             flat_share=float((grad < 8.0).mean()),
             detail=_grid_means(grad),
             top_bottom=float(lum[:third_h].mean() - lum[-third_h:].mean()),
+            tones=_tones(lum, labels),
         )
         analysis.regions = _regions(labels, bg if plain else None)
         if self._faces is not None:
@@ -234,6 +236,12 @@ def _resize(rgb: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(
         rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
     )
+
+
+def _tones(lum: np.ndarray, labels: np.ndarray) -> tuple[str, str]:
+    low, high = np.percentile(lum, (5, 95))
+    pick = lambda mask: NAMES[int(np.bincount(labels[mask], minlength=len(NAMES)).argmax())]  # noqa: E731
+    return pick(lum <= low), pick(lum >= high)
 
 
 def _grid_means(values: np.ndarray) -> np.ndarray:
@@ -487,6 +495,10 @@ def describe(a: Analysis, seed: str = "") -> Caption:
     sentences += [_palette(a), _light(a), _layout(a)]
     if style == "flat graphic":
         sentences.append("The colours are flat and even, without texture, shading or gradients.")
+    if len(" ".join(sentences).split()) < 60 and a.tones[0] != a.tones[1]:
+        sentences.append(
+            f"Its tones run from {a.tones[0]} in the darkest parts to {a.tones[1]} in the brightest."
+        )
     sentences.append(_format(a))
     # Keep the dense caption within 60-150 words: drop from the end, which holds the least.
     while len(" ".join(sentences).split()) > 150 and len(sentences) > 3:
