@@ -110,7 +110,7 @@ def _photo_variant(photo: Image.Image, rng: random.Random) -> Image.Image:
     )
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 1_700_000_000  # fixed: the same seed gives byte-identical shards
@@ -166,10 +166,10 @@ def write_samples(out: Path, shards: int = 2, per_shard: int = 64, seed: int = 0
                     "sha256": hashlib.sha256(data).hexdigest(),
                 }
                 rows.append(row)
-                _add(tar, f"{key}.jpg", data)
+                add_member(tar, f"{key}.jpg", data)
                 if caption is not None:
-                    _add(tar, f"{key}.txt", caption.encode())
-                _add(tar, f"{key}.json", json.dumps(row).encode())
+                    add_member(tar, f"{key}.txt", caption.encode())
+                add_member(tar, f"{key}.json", json.dumps(row).encode())
         pq.write_table(
             pa.Table.from_pylist(rows, schema=_PARQUET_SCHEMA), out / f"{shard:05d}.parquet"
         )

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from recaption.samples import write_samples
+from recaption.samples import add_member, write_samples
 
 
 @pytest.fixture(scope="session")
@@ -69,9 +69,7 @@ def png_header_claiming(width: int, height: int) -> bytes:
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
     with tarfile.open(path, "w") as tar:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+            add_member(tar, name, data)
 
 
 def write_metadata(path: Path, rows: list[dict]) -> None:

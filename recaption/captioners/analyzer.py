@@ -401,8 +401,8 @@ def _layout(a: Analysis) -> str:
     return sentence
 
 
-def _shape_phrase(r: Region) -> str:
-    return f"{_article(f'{r.size} {r.color} {r.kind}')} {r.position}"
+def _region_phrase(r: Region) -> str:
+    return f"{_article(f'{r.size} {r.name}')} {r.position}"
 
 
 def _relation(a: Region, b: Region) -> str | None:
@@ -451,7 +451,7 @@ def describe(a: Analysis, seed: str = "") -> Caption:
             f"A flat digital graphic showing {_count(len(shapes), 'shape')} on a plain {a.background} background.",
             f"A simple flat illustration of {_count(len(shapes), 'geometric shape')} against a plain {a.background} background.",
         )[variant % 2]
-        sentences = [opening, f"There is {_join([_shape_phrase(s) for s in shapes])}."]
+        sentences = [opening, f"There is {_join([_region_phrase(s) for s in shapes])}."]
         relations = [r for r in (_relation(x, y) for x, y in itertools.pairwise(shapes)) if r]
         if relations:
             sentences.append(_join(relations).capitalize() + ".")
@@ -459,7 +459,7 @@ def describe(a: Analysis, seed: str = "") -> Caption:
         objects = [s.name for s in shapes]
     else:
         main = [name for name, _ in a.palette[:2]]
-        noun = {"flat graphic": "flat graphic", "photograph": "photograph"}.get(style, style)
+        noun = style
         opening = (
             f"A {noun} whose colours are mostly {_join(main) or 'mixed'}.",
             f"A {noun} dominated by {_join(main) or 'mixed colours'}.",
@@ -467,16 +467,7 @@ def describe(a: Analysis, seed: str = "") -> Caption:
         sentences = [opening]
         large = [r for r in a.regions if r.share >= 0.04][:3]
         if large:
-            sentences.append(
-                "Distinct areas include "
-                + _join(
-                    [
-                        f"{_article(r.size + ' ' + r.color + ' ' + (r.kind or 'area'))} {r.position}"
-                        for r in large
-                    ]
-                )
-                + "."
-            )
+            sentences.append(f"Distinct areas include {_join([_region_phrase(r) for r in large])}.")
         extras = []
         if a.faces:
             extras.append(_count(len(a.faces), "face"))
