@@ -306,15 +306,15 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
         corpus.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunError(f"cannot create output folder {corpus}: {exc.strerror or exc}") from None
-    now = datetime.now(UTC)
+    now, versions = datetime.now(UTC), _versions()
     manifest = load_manifest(corpus) or Manifest(
-        recaption_version=_versions().get("recaption", "0"),
+        recaption_version=versions.get("recaption", "0"),
         created_at=now,
         updated_at=now,
         config={},
     )
     manifest.config = redacted(cfg)
-    manifest.versions = _versions()
+    manifest.versions = versions
     done = _committed(corpus, manifest)
     todo = deque(s for s in shards if s.id not in done)
     summary = RunSummary(corpus=corpus, shards=len(shards), skipped=len(shards) - len(todo))

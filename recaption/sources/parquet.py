@@ -16,10 +16,10 @@ _BATCH_ROWS = 64  # bounded memory: one batch of image bytes at a time
 def image_column(schema: pa.Schema) -> str | None:
     """img2dataset names the bytes column after the encode format (`jpg` by default)."""
     for name in (*IMAGE_EXTENSIONS, "image"):
-        if name in schema.names and pa.types.is_binary(
-            schema.field(name).type
-        ) | pa.types.is_large_binary(schema.field(name).type):
-            return name
+        if name in schema.names:
+            dtype = schema.field(name).type
+            if pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype):
+                return name
     return None
 
 
