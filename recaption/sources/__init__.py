@@ -7,7 +7,7 @@ that every key of the shard is accounted for downstream.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -43,7 +43,6 @@ class Sample:
     alt_text: str | None = None
     image: bytes | None = None
     error: tuple[Reason, str] | None = None  # set when the sample failed at the read stage
-    meta: dict = field(default_factory=dict)
 
 
 def list_shards(root: str | Path, fmt: str = "auto") -> list[Shard]:

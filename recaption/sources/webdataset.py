@@ -49,9 +49,7 @@ def _to_sample(shard: Shard, key: str, members: dict[str, bytes], meta: dict) ->
         if "txt" in members
         else info.get("caption", meta.get("caption"))
     )
-    sample = Sample(
-        key=key, shard=shard.id, url=info.get("url", meta.get("url")), alt_text=alt, meta=info
-    )
+    sample = Sample(key=key, shard=shard.id, url=info.get("url", meta.get("url")), alt_text=alt)
     image_ext = next((ext for ext in members if ext in IMAGE_EXTENSIONS), None)
     if image_ext is None:
         sample.error = (Reason.missing_image, f"sample has {sorted(members)} but no image member")
