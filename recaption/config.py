@@ -42,16 +42,50 @@ class ImageConfig(_Strict):
     max_pixels: int = Field(
         100_000_000, ge=1, description="decompression-bomb guard on the header size"
     )
+    # openai: the vision `detail` sent with the image; "low" is 85 tokens at any size
+    detail: Literal["low", "high", "auto"] = "high"
+
+
+class EndpointConfig(_Strict):
+    """One deployment of an endpoint pool, with its own credentials and quota."""
+
+    name: str
+    api: Literal["openai", "azure"] = "openai"
+    base_url: str | None = None  # azure: the resource endpoint, https://NAME.openai.azure.com
+    api_key_env: str | None = None  # None: OPENAI_API_KEY, or AZURE_OPENAI_API_KEY for azure
+    api_version: str | None = None  # azure; None: $OPENAI_API_VERSION
+    model: str | None = None  # the model (azure: deployment) name sent; None: captioner.model
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+
+
+class PriceConfig(_Strict):
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
 
 
 class CaptionerConfig(_Strict):
-    backend: Literal["analyzer"] = "analyzer"  # more backends join this list as they land
+    backend: Literal["analyzer", "openai"] = "analyzer"
     model: str | None = None  # None: the backend's default
-    base_url: str | None = None
+    base_url: str | None = None  # None: $OPENAI_BASE_URL, else api.openai.com
     image: ImageConfig = ImageConfig()
     # analyzer: OCR runs only where text is likely ("auto"), everywhere, or never
     ocr: Literal["auto", "always", "never"] = "auto"
     faces: bool = True
+    # openai: where to send requests. Without `endpoints`, one endpoint made of `api`,
+    # `base_url`, `api_version` and limits.rpm/tpm.
+    api: Literal["openai", "azure"] = "openai"
+    api_version: str | None = None
+    endpoints: list[EndpointConfig] = []
+    prompt: str = "dense-v1"  # a bundled prompt (recaption/prompts/NAME.md) or a file path
+    # auto: JSON-schema structured output, falling back to JSON mode, then to plain text
+    response_format: Literal["auto", "json_schema", "json_object", "text"] = "auto"
+    max_output_tokens: int = Field(600, ge=16)
+    temperature: float | None = Field(None, ge=0, le=2)  # None: the server's default
+    timeout_s: float = Field(90, gt=0)
+    max_attempts: int = Field(6, ge=1, description="HTTP attempts per image, retries included")
+    refusal_retries: int = Field(2, ge=0)
+    price: PriceConfig | None = None  # None: the list price of `model` (pricing.PRICES)
 
 
 class ValidationConfig(_Strict):
@@ -63,8 +97,9 @@ class ValidationConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
-    rpm: int | None = None
-    tpm: int | None = None
+    # per endpoint, for the whole run; None: learnt from the x-ratelimit-limit-* headers
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
     concurrency: int = Field(8, ge=1, description="requests in flight per worker")
 
 
@@ -89,14 +124,27 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set expects key.path=value, got {assignment!r}")
     dotted, raw = assignment.split("=", 1)
     parts = dotted.strip().split(".")
-    node = tree
+    node: Any = tree
     for part in parts[:-1]:
+        if isinstance(node, list):  # `captioner.endpoints.0.rpm=500`
+            node = node[_index(node, part, dotted)]
+            continue
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, dict | list):
             raise ConfigError(f"--set {dotted}: {part!r} is not a section")
         node = child
     # YAML parsing gives `--set ray.workers=4` an int and `--set captioner.base_url=null` a None.
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(node, list):
+        node[_index(node, parts[-1], dotted)] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _index(items: list, part: str, dotted: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"--set {dotted}: {part!r} is not an index of a {len(items)}-item list")
+    return int(part)
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -141,7 +189,8 @@ def redacted(config: PipelineConfig) -> dict[str, Any]:
         if isinstance(node, list):
             return [clean(v) for v in node]
         if isinstance(node, str):
-            if any(word in name.lower() for word in _SECRET_WORDS):
+            # `api_key_env` names a variable; it holds no secret
+            if any(word in name.lower() for word in _SECRET_WORDS) and not name.endswith("_env"):
                 return "***"
             parts = urlsplit(node)
             if parts.scheme and parts.password:

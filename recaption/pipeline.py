@@ -18,20 +18,31 @@ import resource
 import socket
 import sys
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
-from recaption.captioners import Captioner, CaptionFailure, make_captioner
+from recaption.captioners import (
+    Captioner,
+    CaptionerFatal,
+    CaptionFailure,
+    make_captioner,
+    metered_endpoints,
+    preflight,
+    worker_env,
+)
 from recaption.config import PipelineConfig, RayConfig, redacted
 from recaption.images import ImageRejected, PreparedImage, prepare
+from recaption.limits import LimiterActor
 from recaption.records import CaptionRecord, Manifest, Reason, Rejection, ShardReport, Stage
 from recaption.sinks import DATA_DIR, REJECTED_DIR, ShardWriter, load_manifest, write_manifest
 from recaption.sources import Sample, Shard, list_shards, read_samples
@@ -51,23 +62,47 @@ def process_shard(
     shard: Shard,
     cfg: PipelineConfig,
     captioner: Captioner,
-    on_sample: Callable[[], None] = lambda: None,
+    on_sample: Callable[[Counter[str]], None] = lambda usage: None,
 ) -> ShardReport:
-    """Caption one shard and commit its output; every sample ends in data/ or rejected/."""
-    return asyncio.run(_process_shard(shard, cfg, captioner, on_sample))
+    """Caption one shard and commit its output; every sample ends in data/ or rejected/.
+    `on_sample` gets each sample's usage (tokens, micro-dollars) as it is written."""
+    return asyncio.run(process_shard_async(shard, cfg, captioner, on_sample))
 
 
-async def _process_shard(
-    shard: Shard, cfg: PipelineConfig, captioner: Captioner, on_sample: Callable[[], None]
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+async def process_shard_async(
+    shard: Shard,
+    cfg: PipelineConfig,
+    captioner: Captioner,
+    on_sample: Callable[[Counter[str]], None] = lambda usage: None,
 ) -> ShardReport:
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_s()
+    requests_before = Counter(captioner.counters)
     writer = ShardWriter(Path(cfg.output.path), shard.id, cfg.output.row_group_size)
     timings: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
     usage: Counter[str] = Counter()
 
+    def account(input_tokens: int, output_tokens: int, cost_usd: float) -> Counter[str]:
+        spent = Counter(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_micro_usd=round(cost_usd * 1e6),
+        )
+        usage.update(spent)
+        return spent
+
     def reject(
-        sample: Sample, stage: Stage, reason: Reason, detail: str, attempts: int = 0
+        sample: Sample,
+        stage: Stage,
+        reason: Reason,
+        detail: str,
+        attempts: int = 0,
+        spent: Counter[str] | None = None,
     ) -> None:
         writer.reject(
             Rejection(
@@ -81,14 +116,17 @@ async def _process_shard(
             )
         )
         rejected[reason] += 1
-        on_sample()
+        on_sample(spent or Counter())
 
     async def caption_one(sample: Sample, image: PreparedImage) -> None:
         t0 = time.perf_counter()
         try:
             result = await captioner.caption(image)
         except CaptionFailure as exc:
-            return reject(sample, Stage.caption, exc.reason, exc.detail, exc.attempts)
+            spent = account(exc.input_tokens, exc.output_tokens, exc.cost_usd)
+            return reject(sample, Stage.caption, exc.reason, exc.detail, exc.attempts, spent)
+        except CaptionerFatal:
+            raise  # nothing can be captioned: stop the shard, and the run
         except Exception as exc:  # a backend bug must cost one row, not the shard
             return reject(
                 sample, Stage.caption, Reason.caption_error, f"{type(exc).__name__}: {exc}", 1
@@ -96,15 +134,14 @@ async def _process_shard(
         finally:
             timings["caption_s"] += time.perf_counter() - t0
         latency_ms = (time.perf_counter() - t0) * 1000
+        spent = account(result.input_tokens, result.output_tokens, result.cost_usd)
         t1 = time.perf_counter()
         try:
             caption = validate_caption(result.caption, cfg.validation)
         except CaptionInvalid as exc:
-            return reject(sample, Stage.validate, exc.reason, exc.detail, result.attempts)
+            return reject(sample, Stage.validate, exc.reason, exc.detail, result.attempts, spent)
         finally:
             timings["validate_s"] += time.perf_counter() - t1
-        usage.update(input_tokens=result.input_tokens, output_tokens=result.output_tokens)
-        usage["cost_micro_usd"] += round(result.cost_usd * 1e6)
         t2 = time.perf_counter()
         writer.add(
             CaptionRecord(
@@ -129,7 +166,7 @@ async def _process_shard(
             )
         )
         timings["write_s"] += time.perf_counter() - t2
-        on_sample()
+        on_sample(spent)
 
     in_flight = asyncio.Semaphore(cfg.limits.concurrency)
     tasks: set[asyncio.Task] = set()
@@ -169,10 +206,17 @@ async def _process_shard(
         writer.commit()
         timings["write_s"] += time.perf_counter() - t0
     except BaseException:
+        for task in tasks:  # a worker's event loop outlives the shard: leave nothing running
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         writer.abort()
         raise
 
     timings["total_s"] = time.perf_counter() - started
+    timings["cpu_s"] = _cpu_s() - cpu_started
+    outcomes = Counter(captioner.counters)
+    outcomes.subtract(requests_before)
+    requests = outcomes.pop("requests", 0)
     return ShardReport(
         shard=shard.id,
         source=str(shard.path),
@@ -184,6 +228,8 @@ async def _process_shard(
         input_tokens=usage["input_tokens"],
         output_tokens=usage["output_tokens"],
         cost_usd=usage["cost_micro_usd"] / 1e6,
+        requests=requests,
+        request_outcomes={k: v for k, v in sorted(outcomes.items()) if v > 0},
         timings={k: round(v, 4) for k, v in sorted(timings.items())},
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         worker=f"{socket.gethostname()}:{os.getpid()}",
@@ -196,19 +242,26 @@ async def _process_shard(
 
 @ray.remote(max_concurrency=2)  # threaded: `progress` answers while `process` runs
 class ShardWorker:
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, limiters: dict[str, Any], env: dict[str, str]) -> None:
+        for name, value in env.items():  # credentials, held in memory only
+            os.environ.setdefault(name, value)
         self.cfg = cfg
-        self.captioner = make_captioner(cfg.captioner)  # loaded once, reused for every shard
-        self.samples_done = 0
+        self.captioner = make_captioner(cfg, limiters)  # loaded once, reused for every shard
+        # one event loop for the worker's life, so HTTP connection pools survive across shards
+        self.loop = asyncio.new_event_loop()
+        self.done: Counter[str] = Counter()
 
-    def _tick(self) -> None:
-        self.samples_done += 1
+    def _tick(self, spent: Counter[str]) -> None:
+        self.done["samples"] += 1
+        self.done.update(spent)
 
     def process(self, shard: Shard) -> ShardReport:
-        return process_shard(shard, self.cfg, self.captioner, self._tick)
+        return self.loop.run_until_complete(
+            process_shard_async(shard, self.cfg, self.captioner, self._tick)
+        )
 
-    def progress(self) -> int:
-        return self.samples_done
+    def progress(self) -> dict[str, int]:
+        return {**self.done, "requests": self.captioner.counters["requests"]}
 
 
 @contextlib.contextmanager
@@ -322,14 +375,25 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
         summary.seconds = time.perf_counter() - started
         return summary
 
+    try:  # credentials and reachability, before any worker starts or anything is written
+        asyncio.run(preflight(cfg))
+    except CaptionerFatal as exc:
+        raise RunError(str(exc)) from None
     expected = None
     with contextlib.suppress(Exception):
         expected = sum(s.expected_samples() for s in todo)
     with ray_runtime(cfg.ray):
+        run_id = uuid.uuid4().hex[:8]
+        # one limiter per endpoint, shared by every worker of this run
+        limiters = {
+            name: LimiterActor.options(name=f"recaption-limiter-{run_id}-{name}").remote(rpm, tpm)
+            for name, (rpm, tpm) in metered_endpoints(cfg).items()
+        }
+        env = worker_env(cfg)
         n_workers = min(cfg.ray.workers, len(todo))
 
         def new_worker():
-            return ShardWorker.options(num_cpus=cfg.ray.cpus_per_worker).remote(cfg)
+            return ShardWorker.options(num_cpus=cfg.ray.cpus_per_worker).remote(cfg, limiters, env)
 
         workers = [new_worker() for _ in range(n_workers)]
         running: dict[ray.ObjectRef, tuple[int, Shard]] = {}
@@ -348,29 +412,48 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
             dynamic_ncols=True,
             file=sys.stderr,
         )
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
-            for ref in ready:
-                slot, shard = running.pop(ref)
-                try:
-                    report: ShardReport = ray.get(ref)
-                except RayActorError as exc:  # the worker process died: replace it
-                    summary.failed[shard.id] = _error_line(exc)
-                    workers[slot] = new_worker()
-                except RayTaskError as exc:
-                    summary.failed[shard.id] = _error_line(exc)
-                else:
-                    manifest.shards[shard.id] = report
-                    write_manifest(corpus, manifest)
-                    summary.finished.append(report)
-                submit(slot)
-            if show_progress:
-                with contextlib.suppress(Exception):
-                    total = sum(ray.get([w.progress.remote() for w in workers], timeout=5))
-                    bar.update(max(0, total - bar.n))
-                    bar.set_postfix(
-                        shards=f"{len(summary.finished)}/{summary.shards - summary.skipped}"
-                    )
-        bar.close()
+        fatal = None
+        try:
+            while running and not fatal:
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+                for ref in ready:
+                    slot, shard = running.pop(ref)
+                    try:
+                        report: ShardReport = ray.get(ref)
+                    except RayActorError as exc:  # the worker process died: replace it
+                        summary.failed[shard.id] = _error_line(exc)
+                        workers[slot] = new_worker()
+                    except RayTaskError as exc:
+                        if isinstance(exc.cause, CaptionerFatal):
+                            fatal = str(exc.cause)
+                        summary.failed[shard.id] = _error_line(exc)
+                    else:
+                        manifest.shards[shard.id] = report
+                        write_manifest(corpus, manifest)
+                        summary.finished.append(report)
+                    submit(slot)
+                if show_progress:
+                    _show_progress(bar, workers, summary, time.perf_counter() - started)
+        finally:
+            bar.close()
+            for actor in [*workers, *limiters.values()]:  # stops shards still running
+                ray.kill(actor)
+        if fatal:
+            raise RunError(fatal)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _show_progress(bar: tqdm, workers: list, summary: RunSummary, elapsed: float) -> None:
+    with contextlib.suppress(Exception):  # progress is best effort, never a failure
+        done: Counter[str] = Counter()
+        for counts in ray.get([w.progress.remote() for w in workers], timeout=5):
+            done.update(counts)
+        bar.update(max(0, done["samples"] - bar.n))
+        postfix = {"shards": f"{len(summary.finished)}/{summary.shards - summary.skipped}"}
+        if done["requests"]:  # a metered API: show what the quota and the bill are doing
+            minutes = elapsed / 60
+            postfix["req/min"] = f"{done['requests'] / minutes:.0f}"
+            postfix["tok/min"] = f"{(done['input_tokens'] + done['output_tokens']) / minutes:.0f}"
+            postfix["$"] = f"{done['cost_micro_usd'] / 1e6:.4f}"
+        bar.set_postfix(postfix)

@@ -45,8 +45,12 @@ class Reason(StrEnum):
     too_many_pixels = "too_many_pixels"
     decode_error = "decode_error"
     # caption: the backend
-    caption_error = "caption_error"
-    refusal = "refusal"
+    caption_error = "caption_error"  # a backend error of no other kind
+    refusal = "refusal"  # the model declined, after captioner.refusal_retries retries
+    bad_request = "bad_request"  # HTTP 400: the server will not take this image
+    forbidden = "forbidden"  # HTTP 403
+    server_error = "server_error"  # 5xx, 408, 409, timeouts, dropped connections: out of retries
+    rate_limited = "rate_limited"  # still 429 after every retry
     # validate: the caption
     schema_invalid = "schema_invalid"
     empty = "empty"
@@ -131,7 +135,9 @@ class ShardReport(BaseModel):
     truncated: bool = False
     input_tokens: int = 0
     output_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # every paid attempt, rejected images' included
+    requests: int = 0  # API requests sent, retries included
+    request_outcomes: dict[str, int] = {}  # rate_limited, http_503, refusal, ... counts
     timings: dict[str, float] = {}
     peak_rss_mb: float = 0.0
     worker: str = ""

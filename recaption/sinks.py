@@ -8,6 +8,7 @@ when the shard is complete. The manifest is replaced atomically after that.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -99,10 +100,11 @@ def load_manifest(corpus: Path) -> Manifest | None:
 def write_manifest(corpus: Path, manifest: Manifest) -> None:
     manifest.updated_at = datetime.now(UTC)
     shards = manifest.shards.values()
-    by_reason: dict[str, int] = {}
+    by_reason: Counter[str] = Counter()
+    outcomes: Counter[str] = Counter()
     for report in shards:
-        for reason, n in report.rejected_by_reason.items():
-            by_reason[reason] = by_reason.get(reason, 0) + n
+        by_reason.update(report.rejected_by_reason)
+        outcomes.update(report.request_outcomes)
     manifest.totals = {
         "shards": len(manifest.shards),
         "samples": sum(r.samples for r in shards),
@@ -113,6 +115,8 @@ def write_manifest(corpus: Path, manifest: Manifest) -> None:
         "input_tokens": sum(r.input_tokens for r in shards),
         "output_tokens": sum(r.output_tokens for r in shards),
         "cost_usd": round(sum(r.cost_usd for r in shards), 6),
+        "requests": sum(r.requests for r in shards),
+        "request_outcomes": dict(sorted(outcomes.items())),
     }
     tmp = corpus / f".{MANIFEST}.tmp"
     tmp.write_text(manifest.model_dump_json(indent=2))

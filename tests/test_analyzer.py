@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from recaption.captioners import make_captioner
 from recaption.captioners.analyzer import position_phrase, text_likely
-from recaption.config import CaptionerConfig, ImageConfig, ValidationConfig
+from recaption.config import CaptionerConfig, ImageConfig, PipelineConfig, ValidationConfig
 from recaption.images import prepare
 from recaption.scenes import random_scene, render
 from recaption.validation import validate_caption
@@ -17,7 +17,7 @@ from recaption.validation import validate_caption
 
 @pytest.fixture(scope="module")
 def analyzer():
-    return make_captioner(CaptionerConfig())
+    return make_captioner(PipelineConfig())
 
 
 def as_jpeg(im: Image.Image) -> bytes:
@@ -93,5 +93,5 @@ def test_text_gate_skips_ocr_on_flat_scenes():
 
 
 def test_ocr_can_be_turned_off():
-    analyzer = make_captioner(CaptionerConfig(ocr="never"))
+    analyzer = make_captioner(PipelineConfig(captioner=CaptionerConfig(ocr="never")))
     assert caption_of(analyzer, sign("OPEN DAILY")).visible_text == []

@@ -2,14 +2,18 @@
 
 A captioner turns a prepared image into a `Caption` plus usage, or raises `CaptionFailure`
 with a rejection reason. It is created once per worker and reused for every shard.
+`CaptionerFatal` is for what no row can survive (a revoked key, an unknown model): the
+run stops with its message instead of rejecting every image.
 """
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from recaption.config import CaptionerConfig
+from recaption.config import PipelineConfig
 from recaption.images import PreparedImage
 from recaption.records import Caption, Reason
 
@@ -24,24 +28,76 @@ class CaptionResult:
 
 
 class CaptionFailure(Exception):
-    def __init__(self, reason: Reason, detail: str, attempts: int = 1):
+    """This image gets no caption; what its attempts used is still accounted."""
+
+    def __init__(
+        self,
+        reason: Reason,
+        detail: str,
+        attempts: int = 1,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cost_usd: float = 0.0,
+    ):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
         self.attempts = attempts
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.cost_usd = cost_usd
+
+
+class CaptionerFatal(Exception):
+    """The backend cannot caption anything; the message is one line for the user."""
 
 
 class Captioner(Protocol):
     backend: str
     model: str
     prompt_version: str
+    counters: Counter[str]  # requests sent and their outcomes, for progress and the manifest
 
     async def caption(self, image: PreparedImage) -> CaptionResult: ...
 
 
-def make_captioner(cfg: CaptionerConfig) -> Captioner:
-    if cfg.backend == "analyzer":
+def make_captioner(cfg: PipelineConfig, limiters: dict[str, Any] | None = None) -> Captioner:
+    """`limiters`: endpoint name -> shared LimiterActor, for backends that call a metered API."""
+    if cfg.captioner.backend == "analyzer":
         from recaption.captioners.analyzer import Analyzer
 
-        return Analyzer(cfg)
-    raise ValueError(f"unknown captioner.backend {cfg.backend!r}")
+        return Analyzer(cfg.captioner)
+    if cfg.captioner.backend == "openai":
+        from recaption.captioners.openai import OpenAICaptioner
+
+        return OpenAICaptioner(cfg.captioner, cfg.limits, limiters)
+    raise ValueError(f"unknown captioner.backend {cfg.captioner.backend!r}")
+
+
+def metered_endpoints(cfg: PipelineConfig) -> dict[str, tuple[int | None, int | None]]:
+    """Endpoint name -> (rpm, tpm) for backends whose quota the run's workers share."""
+    if cfg.captioner.backend == "openai":
+        from recaption.captioners.openai import endpoint_configs
+
+        return {ep.name: (ep.rpm, ep.tpm) for ep in endpoint_configs(cfg.captioner, cfg.limits)}
+    return {}
+
+
+async def preflight(cfg: PipelineConfig) -> None:
+    """Before any work: credentials present, endpoints reachable. Raises ConfigError or
+    CaptionerFatal."""
+    if cfg.captioner.backend == "openai":
+        from recaption.captioners.openai import preflight as openai_preflight
+
+        await openai_preflight(cfg.captioner, cfg.limits)
+
+
+def worker_env(cfg: PipelineConfig) -> dict[str, str]:
+    """The environment variables workers on other nodes need (credentials, endpoints).
+    They travel to the worker actors in memory and are never written."""
+    if cfg.captioner.backend != "openai":
+        return {}
+    from recaption.captioners.openai import ENV_VARS, endpoint_configs, key_env
+
+    names = {*ENV_VARS, *(key_env(ep) for ep in endpoint_configs(cfg.captioner, cfg.limits))}
+    return {name: os.environ[name] for name in sorted(names) if name in os.environ}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import cv2
@@ -150,6 +151,7 @@ class Analyzer:
 
     def __init__(self, cfg: CaptionerConfig):
         self.model = cfg.model or "recaption-analyzer"
+        self.counters: Counter[str] = Counter()  # no requests: it is all local
         self.ocr_mode = cfg.ocr
         self._faces = (
             cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")

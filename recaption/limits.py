@@ -1,0 +1,268 @@
+"""Rate limits: one limiter per endpoint for the whole run, leased from by every worker.
+
+Hosted models meter requests and tokens per minute per key (or Azure deployment). The
+limiter keeps a token bucket for each, holding at most `burst_s` seconds of quota, so the
+client never sends faster than the quota however the server quantises it; its average
+rate is exactly the quota, which is all of it.
+
+    EndpointLimiter   the buckets, the pause, what the headers say (pure logic, any clock)
+    LimiterActor      the same on Ray: a named actor all workers of a run share
+    Quota             a worker's handle: leases permits in small batches, off the hot path
+
+A request reserves its estimated tokens (prompt + image tokens + max output, which is how
+OpenAI and Azure count TPM) and `settle`s the difference once `usage` is known. Responses'
+`x-ratelimit-*` headers only ever lower the buckets (another client shares the key), or
+set the quota when the config leaves it open. A 429 pauses the endpoint for everyone for
+its `retry-after`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+LEASE_S = 0.1  # a lease holds at most this much of the quota, so a pause reaches all at once
+LEASE_TTL_S = 0.5  # permits unused this long go back: a worker does not sit on quota
+
+
+class TokenBucket:
+    """`rate` units per second, at most `capacity` saved up. A take larger than the capacity
+    goes through once the bucket is full and leaves it in debt, so the average rate holds."""
+
+    def __init__(self, per_minute: float, burst_s: float, now: float):
+        self.burst_s = burst_s
+        self.set_rate(per_minute)
+        self.level = self.capacity
+        self.updated = now
+
+    def set_rate(self, per_minute: float) -> None:
+        self.rate = per_minute / 60
+        self.capacity = max(1.0, self.rate * self.burst_s)
+
+    def refill(self, now: float) -> None:
+        if now <= self.updated:  # a pause set `updated` ahead: nothing accrues until then
+            return
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def wait(self, amount: float) -> float:
+        """Seconds until `amount` can be taken (0 if now)."""
+        need = min(amount, self.capacity) - self.level
+        return need / self.rate if need > 1e-9 else 0.0  # float dust is not a wait
+
+
+@dataclass
+class Grant:
+    permits: int  # requests that may be sent now
+    tokens_each: int  # tokens reserved for each of them
+    wait_s: float  # when permits == 0: ask again after this long
+    paused_s: float  # > 0 while the endpoint is paused by a 429
+    mark: int  # requests granted in the run up to and including this grant
+    token_mark: int
+    free: float = 1.0  # share of the burst left after this grant, for picking endpoints
+
+
+class EndpointLimiter:
+    def __init__(
+        self,
+        rpm: int | None,
+        tpm: int | None,
+        burst_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.clock = clock
+        now = clock()
+        self.burst_s = burst_s
+        self.requests = TokenBucket(rpm, burst_s, now) if rpm else None
+        self.tokens = TokenBucket(tpm, burst_s, now) if tpm else None
+        self.learn = {"requests": rpm is None, "tokens": tpm is None}
+        self.paused_until = 0.0
+        self.granted = 0  # running totals, to reconcile with the server's remaining counts
+        self.granted_tokens = 0
+        self.pauses = 0
+
+    def _refill(self, now: float) -> None:
+        for bucket in (self.requests, self.tokens):
+            if bucket:
+                bucket.refill(now)
+
+    def lease(self, want: int, tokens_each: int) -> Grant:
+        now = self.clock()
+        self._refill(now)
+        if now < self.paused_until:
+            wait = self.paused_until - now
+            return Grant(0, tokens_each, wait, wait, self.granted, self.granted_tokens, 0.0)
+        cap = max(1, int(self.requests.rate * LEASE_S)) if self.requests else want
+        permits = 0
+        while permits < min(want, cap):
+            if self.requests and self.requests.wait(1) > 0:
+                break
+            if self.tokens and self.tokens.wait(tokens_each) > 0:
+                break
+            if self.requests:
+                self.requests.level -= 1
+            if self.tokens:
+                self.tokens.level -= tokens_each
+            permits += 1
+        self.granted += permits
+        self.granted_tokens += permits * tokens_each
+        wait = 0.0
+        if not permits:
+            wait = max(
+                self.requests.wait(1) if self.requests else 0.0,
+                self.tokens.wait(tokens_each) if self.tokens else 0.0,
+            )
+        buckets = [b for b in (self.requests, self.tokens) if b]
+        free = min((max(0.0, b.level) / b.capacity for b in buckets), default=1.0)
+        return Grant(permits, tokens_each, wait, 0.0, self.granted, self.granted_tokens, free)
+
+    def settle(self, tokens: int) -> None:
+        """Give back (positive) or charge (negative) tokens once the real count is known."""
+        if self.tokens:
+            self._refill(self.clock())
+            self.tokens.level = min(self.tokens.capacity, self.tokens.level + tokens)
+
+    def pause(self, seconds: float) -> None:
+        """A 429: nobody sends to this endpoint for `seconds`; the buckets start empty after."""
+        now = self.clock()
+        self._refill(now)
+        if now + seconds > self.paused_until:
+            self.pauses += 1
+            self.paused_until = now + seconds
+        for bucket in (self.requests, self.tokens):
+            if bucket:
+                bucket.level = min(bucket.level, 0.0)
+                bucket.updated = self.paused_until
+
+    def observe(self, headers: Mapping[str, str], mark: int, token_mark: int) -> None:
+        """Reconcile with the server's `x-ratelimit-*` view as of the request granted at `mark`."""
+        now = self.clock()
+        self._refill(now)
+        for kind, bucket_attr, lag in (
+            ("requests", "requests", self.granted - mark),
+            ("tokens", "tokens", self.granted_tokens - token_mark),
+        ):
+            limit = _number(headers.get(f"x-ratelimit-limit-{kind}"))
+            if self.learn[kind] and limit:
+                bucket = getattr(self, bucket_attr)
+                if bucket is None:
+                    bucket = TokenBucket(limit, self.burst_s, now)
+                    setattr(self, bucket_attr, bucket)
+                elif bucket.rate * 60 != limit:
+                    bucket.set_rate(limit)
+            bucket = getattr(self, bucket_attr)
+            remaining = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
+            if bucket and remaining is not None:
+                # requests granted after this one are not in the server's count yet
+                bucket.level = min(bucket.level, remaining - lag)
+
+    def state(self) -> dict[str, Any]:
+        now = self.clock()
+        self._refill(now)
+        return {
+            "rpm": self.requests.rate * 60 if self.requests else None,
+            "tpm": self.tokens.rate * 60 if self.tokens else None,
+            "paused_s": max(0.0, self.paused_until - now),
+            "granted": self.granted,
+            "pauses": self.pauses,
+        }
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+# Sync methods are microseconds each; the actor answers them one at a time, in call order.
+LimiterActor = ray.remote(num_cpus=0, max_restarts=-1)(EndpointLimiter)
+
+
+@dataclass
+class Permit:
+    tokens: int  # reserved for this request
+    mark: int
+    token_mark: int
+
+
+class Quota:
+    """A worker's side of one endpoint's limiter, local or a `LimiterActor` handle.
+
+    `try_acquire` returns a Permit, or the seconds to wait before trying again. Permits are
+    leased a few at a time (as many as coroutines are waiting, at most ~0.1 s of quota) and
+    expire if unused, so a pause announced by any worker stops every worker within a request.
+    """
+
+    def __init__(self, limiter: EndpointLimiter | Any):
+        self.limiter = limiter
+        self.remote = not isinstance(limiter, EndpointLimiter)
+        self.pocket: list[Permit] = []
+        self.pocket_expires = 0.0
+        self.paused_until = 0.0
+        self.free = 1.0  # as of the last lease
+        self.waiting = 0
+        self._lock = asyncio.Lock()
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if self.remote:
+            return await getattr(self.limiter, method).remote(*args)
+        return getattr(self.limiter, method)(*args)
+
+    def _tell(self, method: str, *args: Any) -> None:
+        """Fire and forget: Ray runs one caller's actor calls in order."""
+        if self.remote:
+            getattr(self.limiter, method).remote(*args)
+        else:
+            getattr(self.limiter, method)(*args)
+
+    async def try_acquire(self, tokens: int) -> Permit | float:
+        now = time.monotonic()
+        if now < self.paused_until:
+            return self.paused_until - now
+        self.waiting += 1
+        try:
+            async with self._lock:
+                now = time.monotonic()
+                if self.pocket and now < self.pocket_expires:
+                    return self.pocket.pop(0)
+                self._return_pocket()
+                grant: Grant = await self._call("lease", min(self.waiting, 16), tokens)
+                self.free = grant.free
+                if grant.paused_s:
+                    self.paused_until = time.monotonic() + grant.paused_s
+                if not grant.permits:
+                    return grant.wait_s
+                n, each = grant.permits, grant.tokens_each
+                self.pocket = [
+                    Permit(each, grant.mark - n + 1 + i, grant.token_mark - (n - 1 - i) * each)
+                    for i in range(n)
+                ]
+                self.pocket_expires = time.monotonic() + LEASE_TTL_S
+                return self.pocket.pop(0)
+        finally:
+            self.waiting -= 1
+
+    def _return_pocket(self) -> None:
+        if self.pocket:
+            self._tell("settle", sum(p.tokens for p in self.pocket))
+            self.pocket = []
+
+    def settle(self, permit: Permit, tokens_used: int) -> None:
+        if tokens_used != permit.tokens:
+            self._tell("settle", permit.tokens - tokens_used)
+
+    def observe(self, headers: Mapping[str, str], permit: Permit) -> None:
+        wanted = {k: v for k, v in headers.items() if k.startswith("x-ratelimit-")}
+        if wanted:
+            self._tell("observe", wanted, permit.mark, permit.token_mark)
+
+    def pause(self, seconds: float) -> None:
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+        self.pocket = []  # these were sent to nobody; the server never counted them
+        self._tell("pause", seconds)

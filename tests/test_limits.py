@@ -1,0 +1,136 @@
+"""The rate limiter's arithmetic on a simulated clock, and the image-token and price rules."""
+
+import asyncio
+
+import pytest
+
+from recaption.limits import EndpointLimiter, Permit, Quota
+from recaption.pricing import PRICES, Price, image_tokens, price_for
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drain(limiter: EndpointLimiter, clock: Clock, seconds: float, tokens: int = 1) -> int:
+    """Lease one permit at a time as soon as allowed, for `seconds`; returns permits granted."""
+    end, granted = clock.now + seconds, 0
+    while clock.now < end:
+        grant = limiter.lease(1, tokens)
+        granted += grant.permits
+        clock.now += grant.wait_s if not grant.permits else 0.0
+        if not grant.permits and grant.wait_s == 0:
+            pytest.fail("no permit and no wait")
+    return granted
+
+
+def test_rpm_is_used_in_full_and_never_exceeded():
+    clock = Clock()
+    limiter = EndpointLimiter(rpm=600, tpm=None, clock=clock)
+    first = drain(limiter, clock, 60)
+    # a burst of one second's quota, then exactly the rate
+    assert 600 <= first <= 611
+    assert drain(limiter, clock, 60) in (599, 600, 601)
+
+
+def test_tpm_counts_reserved_tokens_and_settle_refunds():
+    clock = Clock()
+    limiter = EndpointLimiter(rpm=None, tpm=60_000, clock=clock)  # 1000 tokens a second
+    assert drain(limiter, clock, 60, tokens=1000) in range(60, 63)
+    # each request really used half its reservation: refunds double the throughput
+    granted, end = 0, clock.now + 60
+    while clock.now < end:
+        grant = limiter.lease(1, 1000)
+        if grant.permits:
+            granted += 1
+            limiter.settle(500)
+        else:
+            clock.now += grant.wait_s
+    assert 118 <= granted <= 122
+
+
+def test_a_request_larger_than_the_burst_still_goes_through():
+    clock = Clock()
+    limiter = EndpointLimiter(rpm=None, tpm=6000, clock=clock)  # 100 tokens a second
+    assert drain(limiter, clock, 100, tokens=2000) in (5, 6)  # 10000 tokens / 2000
+
+
+def test_a_pause_stops_everyone_and_the_rate_resumes_without_a_burst():
+    clock = Clock()
+    limiter = EndpointLimiter(rpm=600, tpm=None, clock=clock)
+    limiter.pause(10)
+    grant = limiter.lease(4, 1)
+    assert grant.permits == 0 and grant.paused_s == pytest.approx(10)
+    clock.now += 9.99
+    assert limiter.lease(1, 1).permits == 0
+    clock.now += 0.01
+    # the pause does not accrue a burst: the first second after it yields the rate
+    assert drain(limiter, clock, 1.0) in (9, 10)
+    assert limiter.state()["pauses"] == 1
+
+
+def test_leases_hold_a_tenth_of_a_second_of_quota_at_most():
+    limiter = EndpointLimiter(rpm=60_000, tpm=None, clock=Clock())  # 1000 a second
+    assert limiter.lease(500, 1).permits == 100
+    assert EndpointLimiter(rpm=600, tpm=None, clock=Clock()).lease(8, 1).permits == 1
+
+
+def test_headers_lower_the_buckets_and_teach_an_open_quota():
+    clock = Clock()
+    limiter = EndpointLimiter(rpm=600, tpm=None, clock=clock)
+    grant = limiter.lease(1, 100)
+    for _ in range(3):  # three more requests granted after the observed one
+        limiter.lease(1, 100)
+    # another client shares the key: the server says 5 left as of our first request
+    limiter.observe({"x-ratelimit-remaining-requests": "5"}, grant.mark, grant.token_mark)
+    assert limiter.requests.level == pytest.approx(2)
+    # plenty left: nothing changes
+    limiter.observe({"x-ratelimit-remaining-requests": "590"}, grant.mark, grant.token_mark)
+    assert limiter.requests.level == pytest.approx(2)
+
+    open_quota = EndpointLimiter(rpm=None, tpm=None, clock=clock)
+    assert open_quota.lease(50, 10).permits == 50  # nothing known: no limit
+    open_quota.observe(
+        {"x-ratelimit-limit-requests": "120", "x-ratelimit-limit-tokens": "6000"}, 50, 500
+    )
+    assert open_quota.state()["rpm"] == 120 and open_quota.state()["tpm"] == 6000
+
+
+def test_a_worker_quota_leases_and_returns_unused_permits():
+    async def go():
+        limiter = EndpointLimiter(rpm=6000, tpm=None)  # leases of up to 10
+        quota = Quota(limiter)
+        quota.waiting = 5  # as if five coroutines were waiting
+        first = await quota.try_acquire(10)
+        assert isinstance(first, Permit) and len(quota.pocket) >= 1
+        marks = [first.mark] + [p.mark for p in quota.pocket]
+        assert marks == sorted(set(marks))
+        quota.pause(5)
+        assert not quota.pocket and limiter.state()["paused_s"] > 4
+        assert await quota.try_acquire(10) == pytest.approx(5, abs=0.1)
+
+    asyncio.run(go())
+
+
+def test_image_tokens_follow_the_published_rules():
+    # GPT-4o / GPT-4.1: 85 + 170 per 512-px tile after fitting 2048 and shortest side 768
+    assert image_tokens("gpt-4.1", 1024, 1024) == 765
+    assert image_tokens("gpt-4o-2024-08-06", 2048, 4096) == 1105
+    assert image_tokens("gpt-4.1", 4000, 3000, detail="low") == 85
+    assert image_tokens("gpt-4.1", 512, 384) == 255
+    # GPT-4.1-mini: 32-px patches, at most 1536, times 1.62
+    assert image_tokens("gpt-4.1-mini", 1024, 1024) == 1659
+    assert image_tokens("gpt-4.1-mini", 1800, 2400) == 2353  # 1452 patches
+    assert image_tokens("gpt-4.1-nano-2025-04-14", 64, 64) == 10
+
+
+def test_prices_match_models_and_snapshots():
+    assert price_for("gpt-4.1-2025-04-14") == PRICES["gpt-4.1"]
+    assert price_for("gpt-4.1-mini") == PRICES["gpt-4.1-mini"]
+    assert price_for("Qwen/Qwen2.5-VL-7B-Instruct").cost(10**6, 10**6) == 0
+    assert price_for("gpt-4.1", Price(1, 1)).cost(10**6, 0) == 1
+    assert PRICES["gpt-4.1"].cost(1_000_000, 1_000_000) == pytest.approx(10.0)
