@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SHARDS := data/shards
 CORPUS := data/corpus
 
-.PHONY: setup recaption test lint format schemas bench clean
+.PHONY: setup recaption test lint format schemas bench bench-openai clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ schemas: setup
 
 bench: setup
 	$(BIN)/python bench/pipeline_bench.py
+
+# ~11 minutes: quota use, 429s and a 429 storm against the loopback test server
+bench-openai: setup
+	$(BIN)/python bench/openai_bench.py
 
 clean:
 	rm -rf data/corpus data/shards .pytest_cache

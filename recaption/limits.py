@@ -60,8 +60,7 @@ class TokenBucket:
 class Grant:
     permits: int  # requests that may be sent now
     tokens_each: int  # tokens reserved for each of them
-    wait_s: float  # when permits == 0: ask again after this long
-    paused_s: float  # > 0 while the endpoint is paused by a 429
+    wait_s: float  # when permits == 0: ask again after this long (the pause, if paused)
     mark: int  # requests granted in the run up to and including this grant
     token_mark: int
     free: float = 1.0  # share of the burst left after this grant, for picking endpoints
@@ -96,7 +95,7 @@ class EndpointLimiter:
         self._refill(now)
         if now < self.paused_until:
             wait = self.paused_until - now
-            return Grant(0, tokens_each, wait, wait, self.granted, self.granted_tokens, 0.0)
+            return Grant(0, tokens_each, wait, self.granted, self.granted_tokens, 0.0)
         cap = max(1, int(self.requests.rate * LEASE_S)) if self.requests else want
         permits = 0
         while permits < min(want, cap):
@@ -119,7 +118,7 @@ class EndpointLimiter:
             )
         buckets = [b for b in (self.requests, self.tokens) if b]
         free = min((max(0.0, b.level) / b.capacity for b in buckets), default=1.0)
-        return Grant(permits, tokens_each, wait, 0.0, self.granted, self.granted_tokens, free)
+        return Grant(permits, tokens_each, wait, self.granted, self.granted_tokens, free)
 
     def settle(self, tokens: int) -> None:
         """Give back (positive) or charge (negative) tokens once the real count is known."""
@@ -181,7 +180,8 @@ def _number(value: str | None) -> float | None:
 
 
 # Sync methods are microseconds each; the actor answers them one at a time, in call order.
-LimiterActor = ray.remote(num_cpus=0, max_restarts=-1)(EndpointLimiter)
+# If its node dies it restarts empty (a fresh bucket) and callers' calls are retried.
+LimiterActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(EndpointLimiter)
 
 
 @dataclass
@@ -204,7 +204,7 @@ class Quota:
         self.remote = not isinstance(limiter, EndpointLimiter)
         self.pocket: list[Permit] = []
         self.pocket_expires = 0.0
-        self.paused_until = 0.0
+        self.not_before = 0.0  # no lease before this: paused, or the limiter said to wait
         self.free = 1.0  # as of the last lease
         self.waiting = 0
         self._lock = asyncio.Lock()
@@ -223,20 +223,22 @@ class Quota:
 
     async def try_acquire(self, tokens: int) -> Permit | float:
         now = time.monotonic()
-        if now < self.paused_until:
-            return self.paused_until - now
+        if now < self.not_before:
+            return self.not_before - now
         self.waiting += 1
         try:
             async with self._lock:
                 now = time.monotonic()
                 if self.pocket and now < self.pocket_expires:
                     return self.pocket.pop(0)
+                if now < self.not_before:  # the limiter said when: no need to ask again
+                    return self.not_before - now
                 self._return_pocket()
                 grant: Grant = await self._call("lease", min(self.waiting, 16), tokens)
                 self.free = grant.free
-                if grant.paused_s:
-                    self.paused_until = time.monotonic() + grant.paused_s
                 if not grant.permits:
+                    # one lease call per wait, not one per waiting coroutine
+                    self.not_before = time.monotonic() + grant.wait_s
                     return grant.wait_s
                 n, each = grant.permits, grant.tokens_each
                 self.pocket = [
@@ -263,6 +265,6 @@ class Quota:
             self._tell("observe", wanted, permit.mark, permit.token_mark)
 
     def pause(self, seconds: float) -> None:
-        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+        self.not_before = max(self.not_before, time.monotonic() + seconds)
         self.pocket = []  # these were sent to nobody; the server never counted them
         self._tell("pause", seconds)

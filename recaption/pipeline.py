@@ -29,12 +29,14 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from recaption.captioners import (
     Captioner,
     CaptionerFatal,
     CaptionFailure,
+    CaptionResult,
     make_captioner,
     metered_endpoints,
     preflight,
@@ -49,6 +51,8 @@ from recaption.sources import Sample, Shard, list_shards, read_samples
 from recaption.validation import CaptionInvalid, validate_caption
 
 _TRUNCATION = {Reason.truncated_member, Reason.missing_from_tar}
+# Shards queued on a worker at once: the next one starts while the last one drains.
+SHARDS_PER_WORKER = 2
 
 
 class RunError(Exception):
@@ -79,21 +83,24 @@ async def process_shard_async(
     cfg: PipelineConfig,
     captioner: Captioner,
     on_sample: Callable[[Counter[str]], None] = lambda usage: None,
+    in_flight: asyncio.Semaphore | None = None,
 ) -> ShardReport:
-    started, cpu_started = time.perf_counter(), _cpu_s()
-    requests_before = Counter(captioner.counters)
+    """`in_flight` bounds the images being captioned; a worker shares one across its shards."""
+    started = time.perf_counter()
     writer = ShardWriter(Path(cfg.output.path), shard.id, cfg.output.row_group_size)
     timings: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
     usage: Counter[str] = Counter()
+    outcomes: Counter[str] = Counter()  # API requests and what came back
 
-    def account(input_tokens: int, output_tokens: int, cost_usd: float) -> Counter[str]:
+    def account(result: CaptionResult | CaptionFailure) -> Counter[str]:
         spent = Counter(
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_micro_usd=round(cost_usd * 1e6),
+            input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
+            cost_micro_usd=round(result.cost_usd * 1e6),
         )
         usage.update(spent)
+        outcomes.update(result.outcomes)
         return spent
 
     def reject(
@@ -123,7 +130,7 @@ async def process_shard_async(
         try:
             result = await captioner.caption(image)
         except CaptionFailure as exc:
-            spent = account(exc.input_tokens, exc.output_tokens, exc.cost_usd)
+            spent = account(exc)
             return reject(sample, Stage.caption, exc.reason, exc.detail, exc.attempts, spent)
         except CaptionerFatal:
             raise  # nothing can be captioned: stop the shard, and the run
@@ -134,7 +141,7 @@ async def process_shard_async(
         finally:
             timings["caption_s"] += time.perf_counter() - t0
         latency_ms = (time.perf_counter() - t0) * 1000
-        spent = account(result.input_tokens, result.output_tokens, result.cost_usd)
+        spent = account(result)
         t1 = time.perf_counter()
         try:
             caption = validate_caption(result.caption, cfg.validation)
@@ -168,7 +175,7 @@ async def process_shard_async(
         timings["write_s"] += time.perf_counter() - t2
         on_sample(spent)
 
-    in_flight = asyncio.Semaphore(cfg.limits.concurrency)
+    in_flight = in_flight or asyncio.Semaphore(cfg.limits.concurrency)
     tasks: set[asyncio.Task] = set()
 
     def finished(task: asyncio.Task) -> None:
@@ -213,9 +220,6 @@ async def process_shard_async(
         raise
 
     timings["total_s"] = time.perf_counter() - started
-    timings["cpu_s"] = _cpu_s() - cpu_started
-    outcomes = Counter(captioner.counters)
-    outcomes.subtract(requests_before)
     requests = outcomes.pop("requests", 0)
     return ShardReport(
         shard=shard.id,
@@ -229,7 +233,7 @@ async def process_shard_async(
         output_tokens=usage["output_tokens"],
         cost_usd=usage["cost_micro_usd"] / 1e6,
         requests=requests,
-        request_outcomes={k: v for k, v in sorted(outcomes.items()) if v > 0},
+        request_outcomes=dict(sorted(outcomes.items())),
         timings={k: round(v, 4) for k, v in sorted(timings.items())},
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         worker=f"{socket.gethostname()}:{os.getpid()}",
@@ -240,28 +244,39 @@ async def process_shard_async(
 # --- Ray workers ------------------------------------------------------------------------------
 
 
-@ray.remote(max_concurrency=2)  # threaded: `progress` answers while `process` runs
+@ray.remote
 class ShardWorker:
+    """An async actor: its shards and `progress` share one event loop, so the HTTP
+    connection pools and the in-flight budget outlive any one shard, and the next shard
+    starts reading while the last requests of the previous one are still out."""
+
     def __init__(self, cfg: PipelineConfig, limiters: dict[str, Any], env: dict[str, str]) -> None:
         for name, value in env.items():  # credentials, held in memory only
             os.environ.setdefault(name, value)
         self.cfg = cfg
         self.captioner = make_captioner(cfg, limiters)  # loaded once, reused for every shard
-        # one event loop for the worker's life, so HTTP connection pools survive across shards
-        self.loop = asyncio.new_event_loop()
+        self.in_flight: asyncio.Semaphore | None = None  # made on the actor's event loop
         self.done: Counter[str] = Counter()
+        self.cpu_started = _cpu_s()
 
     def _tick(self, spent: Counter[str]) -> None:
         self.done["samples"] += 1
         self.done.update(spent)
 
-    def process(self, shard: Shard) -> ShardReport:
-        return self.loop.run_until_complete(
-            process_shard_async(shard, self.cfg, self.captioner, self._tick)
+    async def process(self, shard: Shard) -> ShardReport:
+        if self.in_flight is None:
+            self.in_flight = asyncio.Semaphore(self.cfg.limits.concurrency)
+        return await process_shard_async(
+            shard, self.cfg, self.captioner, self._tick, self.in_flight
         )
 
-    def progress(self) -> dict[str, int]:
-        return {**self.done, "requests": self.captioner.counters["requests"]}
+    async def progress(self) -> dict[str, float]:
+        """Counts so far; `cpu_s` is the whole worker process's CPU time since it was ready."""
+        return {
+            **self.done,
+            "requests": self.captioner.counters["requests"],
+            "cpu_s": _cpu_s() - self.cpu_started,
+        }
 
 
 @contextlib.contextmanager
@@ -295,6 +310,7 @@ class RunSummary:
     finished: list[ShardReport] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    workers: list[dict[str, float]] = field(default_factory=list)  # their last progress()
 
     @property
     def samples(self) -> int:
@@ -385,8 +401,11 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
     with ray_runtime(cfg.ray):
         run_id = uuid.uuid4().hex[:8]
         # one limiter per endpoint, shared by every worker of this run
-        limiters = {
-            name: LimiterActor.options(name=f"recaption-limiter-{run_id}-{name}").remote(rpm, tpm)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        limiters = {  # on the driver's node, which lives as long as the run
+            name: LimiterActor.options(
+                name=f"recaption-limiter-{run_id}-{name}", scheduling_strategy=here
+            ).remote(rpm, tpm)
             for name, (rpm, tpm) in metered_endpoints(cfg).items()
         }
         env = worker_env(cfg)
@@ -396,15 +415,16 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
             return ShardWorker.options(num_cpus=cfg.ray.cpus_per_worker).remote(cfg, limiters, env)
 
         workers = [new_worker() for _ in range(n_workers)]
-        running: dict[ray.ObjectRef, tuple[int, Shard]] = {}
+        running: dict[ray.ObjectRef, tuple[int, Any, Shard]] = {}
 
         def submit(slot: int) -> None:
             if todo:
                 shard = todo.popleft()
-                running[workers[slot].process.remote(shard)] = (slot, shard)
+                running[workers[slot].process.remote(shard)] = (slot, workers[slot], shard)
 
-        for slot in range(n_workers):
-            submit(slot)
+        for _ in range(SHARDS_PER_WORKER):
+            for slot in range(n_workers):
+                submit(slot)
         bar = tqdm(
             total=expected,
             unit="img",
@@ -417,12 +437,13 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
             while running and not fatal:
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
                 for ref in ready:
-                    slot, shard = running.pop(ref)
+                    slot, worker, shard = running.pop(ref)
                     try:
                         report: ShardReport = ray.get(ref)
                     except RayActorError as exc:  # the worker process died: replace it
                         summary.failed[shard.id] = _error_line(exc)
-                        workers[slot] = new_worker()
+                        if workers[slot] is worker:
+                            workers[slot] = new_worker()
                     except RayTaskError as exc:
                         if isinstance(exc.cause, CaptionerFatal):
                             fatal = str(exc.cause)
@@ -436,6 +457,8 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
                     _show_progress(bar, workers, summary, time.perf_counter() - started)
         finally:
             bar.close()
+            with contextlib.suppress(Exception):
+                summary.workers = ray.get([w.progress.remote() for w in workers], timeout=5)
             for actor in [*workers, *limiters.values()]:  # stops shards still running
                 ray.kill(actor)
         if fatal:

@@ -349,8 +349,13 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 prompt_tokens += image_tokens(model, *im.size, part.get("detail", "high"))
             max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 4096)
             kind, headers, delay = server.admit(prompt_tokens, max_tokens)
-            if kind in ("storm", "quota", "rate_limit"):
-                wait = delay if kind != "rate_limit" else 0.2
+            if kind == "storm":  # as an overloaded gateway does: whole seconds only
+                headers = {"retry-after": str(math.ceil(delay))}
+                return self._error(
+                    429, "Rate limit reached. Please retry later.", "requests", headers
+                )
+            if kind in ("quota", "rate_limit"):
+                wait = delay if kind == "quota" else 0.2
                 headers = headers | {
                     "retry-after-ms": str(int(wait * 1000)),
                     "retry-after": str(math.ceil(wait)),

@@ -42,6 +42,8 @@ def test_set_parses_null_and_numbers():
         (None, ["ray.workers=zero"], "config key 'ray.workers'"),
         (None, ["captioner.backend=gpt-9"], "config key 'captioner.backend'"),
         (None, ["ray.workers"], "--set expects key.path=value"),
+        ("pipelines/azure.yaml", ["captioner.endpoints.3.rpm=5"], "not an index"),
+        (None, ["limits.rpm=0"], "config key 'limits.rpm'"),
     ],
 )
 def test_bad_config_is_one_clear_line(path, overrides, message):
@@ -55,3 +57,20 @@ def test_redaction_removes_url_credentials():
     cfg = load_config(None, ["captioner.base_url=https://user:s3cret@host.example/v1"])
     text = str(redacted(cfg))
     assert "s3cret" not in text and "host.example" in text
+
+
+def test_set_reaches_into_the_endpoint_list():
+    cfg = load_config(
+        "pipelines/azure.yaml",
+        ["captioner.endpoints.0.rpm=5", "captioner.endpoints.0.base_url=https://x.example"],
+    )
+    (endpoint,) = cfg.captioner.endpoints
+    assert endpoint.rpm == 5 and endpoint.base_url == "https://x.example"
+    assert endpoint.api == "azure" and endpoint.tpm == 1_000_000
+    # it names a variable, not a secret: the manifest keeps it
+    assert redacted(cfg)["captioner"]["endpoints"][0]["api_key_env"] == "AZURE_OPENAI_API_KEY"
+
+
+@pytest.mark.parametrize("name", ["default", "openai", "azure", "vllm"])
+def test_every_bundled_pipeline_loads(name):
+    load_config(f"pipelines/{name}.yaml")

@@ -64,7 +64,7 @@ def test_a_pause_stops_everyone_and_the_rate_resumes_without_a_burst():
     limiter = EndpointLimiter(rpm=600, tpm=None, clock=clock)
     limiter.pause(10)
     grant = limiter.lease(4, 1)
-    assert grant.permits == 0 and grant.paused_s == pytest.approx(10)
+    assert grant.permits == 0 and grant.wait_s == pytest.approx(10)
     clock.now += 9.99
     assert limiter.lease(1, 1).permits == 0
     clock.now += 0.01

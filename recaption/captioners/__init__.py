@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from recaption.config import PipelineConfig
@@ -25,6 +25,7 @@ class CaptionResult:
     output_tokens: int = 0
     cost_usd: float = 0.0
     attempts: int = 1
+    outcomes: Counter[str] = field(default_factory=Counter)  # API requests and their kinds
 
 
 class CaptionFailure(Exception):
@@ -38,6 +39,7 @@ class CaptionFailure(Exception):
         input_tokens: int = 0,
         output_tokens: int = 0,
         cost_usd: float = 0.0,
+        outcomes: Counter[str] | None = None,
     ):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
@@ -46,6 +48,7 @@ class CaptionFailure(Exception):
         self.input_tokens = input_tokens
         self.output_tokens = output_tokens
         self.cost_usd = cost_usd
+        self.outcomes = outcomes or Counter()
 
 
 class CaptionerFatal(Exception):

@@ -23,7 +23,7 @@ import random
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +255,7 @@ class _Tries:
     truncations: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)  # requests and what came back
 
 
 _full_jitter = wait_random_exponential(multiplier=0.5, max=20)
@@ -370,7 +371,12 @@ class OpenAICaptioner:
             output_tokens=tries.output_tokens,
             cost_usd=self.price.cost(tries.input_tokens, tries.output_tokens),
             attempts=tries.attempts,
+            outcomes=tries.outcomes,
         )
+
+    def _count(self, tries: _Tries, outcome: str) -> None:
+        tries.outcomes[outcome] += 1
+        self.counters[outcome] += 1
 
     def _failure(self, reason: Reason, detail: str, tries: _Tries) -> CaptionFailure:
         return CaptionFailure(
@@ -380,6 +386,7 @@ class OpenAICaptioner:
             input_tokens=tries.input_tokens,
             output_tokens=tries.output_tokens,
             cost_usd=self.price.cost(tries.input_tokens, tries.output_tokens),
+            outcomes=tries.outcomes,
         )
 
     def _request(self, endpoint: Endpoint, image: PreparedImage, max_tokens: int) -> dict:
@@ -419,13 +426,13 @@ class OpenAICaptioner:
         estimate = self._prompt_chars // 3 + 40 + image_cost + tries.max_tokens
         endpoint, permit = await self.pool.acquire(estimate)
         tries.attempts += 1
-        self.counters["requests"] += 1
+        self._count(tries, "requests")
         request = self._request(endpoint, image, tries.max_tokens)
         try:
             raw = await endpoint.client.chat.completions.with_raw_response.create(**request)
             completion = raw.parse()
         except openai.RateLimitError as exc:
-            self.counters["rate_limited"] += 1
+            self._count(tries, "rate_limited")
             tries.rate_limited += 1
             endpoint.quota.observe(exc.response.headers, permit)
             endpoint.quota.pause(retry_after(exc.response.headers) or 1.0)
@@ -438,23 +445,23 @@ class OpenAICaptioner:
             ) from None
         except openai.BadRequestError as exc:
             if _about_response_format(exc) and endpoint.degrade():
-                self.counters["response_format_fallback"] += 1
+                self._count(tries, "response_format_fallback")
                 raise _Retry(Reason.bad_request, _message(exc)) from None
             raise self._failure(Reason.bad_request, _message(exc), tries) from None
         except openai.PermissionDeniedError as exc:
             raise self._failure(Reason.forbidden, _message(exc), tries) from None
         except openai.APIStatusError as exc:  # 408, 409, 5xx and anything else odd
-            self.counters[f"http_{exc.status_code}"] += 1
+            self._count(tries, f"http_{exc.status_code}")
             if exc.status_code in (408, 409) or exc.status_code >= 500:
                 endpoint.record(transport_ok=False)
                 raise _Retry(Reason.server_error, _message(exc)) from None
             raise self._failure(Reason.caption_error, _message(exc), tries) from None
         except openai.APIConnectionError as exc:  # timeouts, refused and dropped connections
-            self.counters["connection_error"] += 1
+            self._count(tries, "connection_error")
             endpoint.record(transport_ok=False)
             raise _Retry(Reason.server_error, f"{type(exc).__name__}: {_cause(exc)}") from None
         except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
-            self.counters["broken_response"] += 1
+            self._count(tries, "broken_response")
             raise _Retry(Reason.schema_invalid, f"unreadable response: {exc}") from None
         endpoint.record(transport_ok=True)
         endpoint.quota.observe(raw.headers, permit)
@@ -474,14 +481,14 @@ class OpenAICaptioner:
         refusal = getattr(choice.message, "refusal", None)
         if refusal or choice.finish_reason == "content_filter" or REFUSALS.match(content):
             tries.refusals += 1
-            self.counters["refusal"] += 1
+            self._count(tries, "refusal")
             detail = (refusal or content or f"finish_reason={choice.finish_reason}")[:200]
             if tries.refusals > self.cfg.refusal_retries:
                 raise self._failure(Reason.refusal, detail, tries)
             raise _Retry(Reason.refusal, detail)
         if choice.finish_reason == "length":
             tries.truncations += 1
-            self.counters["truncated"] += 1
+            self._count(tries, "truncated")
             if tries.truncations > 1:
                 raise self._failure(
                     Reason.truncated_output,
@@ -493,12 +500,12 @@ class OpenAICaptioner:
         try:
             return Caption.model_validate(parse_json_object(content))
         except json.JSONDecodeError as exc:
-            self.counters["broken_json"] += 1
+            self._count(tries, "broken_json")
             raise _Retry(
                 Reason.schema_invalid, f"not JSON ({exc.msg}): {content[:120]!r}"
             ) from None
         except ValidationError as exc:
-            self.counters["schema_invalid"] += 1
+            self._count(tries, "schema_invalid")
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or "reply"
             raise _Retry(Reason.schema_invalid, f"{where}: {err['msg']}") from None
