@@ -39,7 +39,7 @@ schemas: setup
 bench: setup
 	$(BIN)/python bench/pipeline_bench.py
 
-# ~11 minutes: quota use, 429s and a 429 storm against the loopback test server
+# ~12 minutes: quota use, 429s and a 429 storm against the loopback test server
 bench-openai: setup
 	$(BIN)/python bench/openai_bench.py
 

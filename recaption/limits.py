@@ -37,7 +37,9 @@ class TokenBucket:
     def __init__(self, per_minute: float, burst_s: float, now: float):
         self.burst_s = burst_s
         self.set_rate(per_minute)
-        self.level = self.capacity
+        # Start empty: the rate from the first request on, and no opening burst for a server
+        # that enforces its quota over sub-second windows to refuse.
+        self.level = 0.0
         self.updated = now
 
     def set_rate(self, per_minute: float) -> None:
@@ -138,27 +140,27 @@ class EndpointLimiter:
                 bucket.level = min(bucket.level, 0.0)
                 bucket.updated = self.paused_until
 
-    def observe(self, headers: Mapping[str, str], mark: int, token_mark: int) -> None:
-        """Reconcile with the server's `x-ratelimit-*` view as of the request granted at `mark`."""
+    def observe(self, headers: Mapping[str, str], mark: int, token_mark: int, age_s: float) -> None:
+        """Reconcile with the server's `x-ratelimit-*` view as of the request granted at
+        `mark`, `age_s` seconds ago: since then we granted more, and the server refilled."""
         now = self.clock()
         self._refill(now)
-        for kind, bucket_attr, lag in (
-            ("requests", "requests", self.granted - mark),
-            ("tokens", "tokens", self.granted_tokens - token_mark),
+        for kind, lag in (
+            ("requests", self.granted - mark),
+            ("tokens", self.granted_tokens - token_mark),
         ):
+            bucket = getattr(self, kind)
             limit = _number(headers.get(f"x-ratelimit-limit-{kind}"))
             if self.learn[kind] and limit:
-                bucket = getattr(self, bucket_attr)
                 if bucket is None:
                     bucket = TokenBucket(limit, self.burst_s, now)
-                    setattr(self, bucket_attr, bucket)
+                    setattr(self, kind, bucket)
                 elif bucket.rate * 60 != limit:
                     bucket.set_rate(limit)
-            bucket = getattr(self, bucket_attr)
             remaining = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
             if bucket and remaining is not None:
-                # requests granted after this one are not in the server's count yet
-                bucket.level = min(bucket.level, remaining - lag)
+                server_now = remaining - lag + age_s * bucket.rate
+                bucket.level = min(bucket.level, server_now)
 
     def state(self) -> dict[str, Any]:
         now = self.clock()
@@ -189,6 +191,7 @@ class Permit:
     tokens: int  # reserved for this request
     mark: int
     token_mark: int
+    granted_at: float  # time.monotonic() in this process
 
 
 class Quota:
@@ -240,9 +243,9 @@ class Quota:
                     # one lease call per wait, not one per waiting coroutine
                     self.not_before = time.monotonic() + grant.wait_s
                     return grant.wait_s
-                n, each = grant.permits, grant.tokens_each
+                n, each, now = grant.permits, grant.tokens_each, time.monotonic()
                 self.pocket = [
-                    Permit(each, grant.mark - n + 1 + i, grant.token_mark - (n - 1 - i) * each)
+                    Permit(each, grant.mark - n + 1 + i, grant.token_mark - (n - 1 - i) * each, now)
                     for i in range(n)
                 ]
                 self.pocket_expires = time.monotonic() + LEASE_TTL_S
@@ -262,7 +265,8 @@ class Quota:
     def observe(self, headers: Mapping[str, str], permit: Permit) -> None:
         wanted = {k: v for k, v in headers.items() if k.startswith("x-ratelimit-")}
         if wanted:
-            self._tell("observe", wanted, permit.mark, permit.token_mark)
+            age = time.monotonic() - permit.granted_at
+            self._tell("observe", wanted, permit.mark, permit.token_mark, age)
 
     def pause(self, seconds: float) -> None:
         self.not_before = max(self.not_before, time.monotonic() + seconds)

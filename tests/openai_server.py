@@ -60,9 +60,9 @@ class Event:
 
 
 class _Bucket:
-    def __init__(self, per_minute: int):
-        self.capacity = float(per_minute)
+    def __init__(self, per_minute: int, burst_s: float):
         self.rate = per_minute / 60
+        self.capacity = max(1.0, self.rate * burst_s)
         self.level = self.capacity
         self.updated = time.monotonic()
 
@@ -116,8 +116,11 @@ class OpenAIServer:
         structured_output: bool = True,
         json_mode: bool = True,
         models: set[str] | None = None,
+        burst_s: float = 60.0,
         port: int = 0,
     ):
+        """`burst_s`: how much quota a bucket holds; 60 is a minute's, smaller values model
+        a quota enforced over shorter periods (OpenAI: "60k RPM may be enforced as 1k/s")."""
         self.rpm, self.tpm = rpm, tpm
         self.latency_ms, self.latency_sigma = latency_ms, latency_sigma
         self.faults = faults or Faults()
@@ -133,8 +136,8 @@ class OpenAIServer:
         self.storm_retry_after = 0.0
         self.storms: list[tuple[float, float]] = []
         self.started = time.monotonic()
-        self.requests = _Bucket(rpm) if rpm else None
-        self.tokens = _Bucket(tpm) if tpm else None
+        self.requests = _Bucket(rpm, burst_s) if rpm else None
+        self.tokens = _Bucket(tpm, burst_s) if tpm else None
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self.httpd.daemon_threads = True
         self.thread: threading.Thread | None = None
@@ -193,7 +196,7 @@ class OpenAIServer:
         headers = {}
         for name, bucket in (("requests", self.requests), ("tokens", self.tokens)):
             if bucket:
-                headers[f"x-ratelimit-limit-{name}"] = str(int(bucket.capacity))
+                headers[f"x-ratelimit-limit-{name}"] = str(round(bucket.rate * 60))
                 headers[f"x-ratelimit-remaining-{name}"] = str(int(bucket.level))
                 reset = (bucket.capacity - bucket.level) / bucket.rate
                 headers[f"x-ratelimit-reset-{name}"] = f"{reset:.3f}s"
@@ -430,10 +433,16 @@ def main() -> None:
     parser.add_argument("--rpm", type=int)
     parser.add_argument("--tpm", type=int)
     parser.add_argument("--latency-ms", type=float, default=500)
+    parser.add_argument("--burst-s", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     server = OpenAIServer(
-        rpm=args.rpm, tpm=args.tpm, latency_ms=args.latency_ms, seed=args.seed, port=args.port
+        rpm=args.rpm,
+        tpm=args.tpm,
+        latency_ms=args.latency_ms,
+        seed=args.seed,
+        burst_s=args.burst_s,
+        port=args.port,
     )
     print(server.url, flush=True)
     server.httpd.serve_forever()
