@@ -52,6 +52,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from recaption.sources import InputError
+    from recaption.verify import verify
+
+    try:
+        verdict = verify(Path(args.corpus), args.input, args.format)
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
+    for line in verdict.notes:
+        print(f"recaption verify: note: {line}")
+    for line in verdict.problems:
+        print(f"recaption verify: FAIL: {line}")
+    checked = "each input key once" if args.input else "files, schemas, counts, no key twice"
+    status = "OK" if verdict.ok else f"{len(verdict.problems)} problems"
+    print(
+        f"recaption verify: {status}: {verdict.shards} shards, {verdict.captioned} captioned, "
+        f"{verdict.rejected} rejected ({checked})"
+    )
+    return 0 if verdict.ok else 1
+
+
 def cmd_schemas(args: argparse.Namespace) -> int:
     from recaption.records import write_json_schemas
 
@@ -95,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("corpus")
     p.add_argument("--limit", type=int, default=60, help="rows shown")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "verify", help="check the corpus invariant: each input key once, in data/ or rejected/"
+    )
+    p.add_argument("corpus")
+    p.add_argument("--input", help="the input shards, to check every input key is accounted for")
+    p.add_argument("--format", default="auto", choices=["auto", "webdataset", "parquet"])
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("schemas", help="write the JSON Schema files of the records to DIR")
     p.add_argument("dir", nargs="?", default="schemas")

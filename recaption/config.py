@@ -33,6 +33,8 @@ class OutputConfig(_Strict):
     row_group_size: int = Field(
         256, ge=1, description="rows buffered before a Parquet row group is flushed"
     )
+    # a corpus holds one captioner's output; true lets a re-run add another model or prompt
+    allow_config_change: bool = False
 
 
 class ImageConfig(_Strict):

@@ -37,6 +37,7 @@ from recaption.captioners import (
     CaptionerFatal,
     CaptionFailure,
     CaptionResult,
+    captioner_identity,
     make_captioner,
     metered_endpoints,
     preflight,
@@ -44,6 +45,7 @@ from recaption.captioners import (
 )
 from recaption.config import PipelineConfig, RayConfig, redacted
 from recaption.images import ImageRejected, PreparedImage, prepare
+from recaption.journal import Journal, remove_journal
 from recaption.limits import LimiterActor
 from recaption.records import CaptionRecord, Manifest, Reason, Rejection, ShardReport, Stage
 from recaption.sinks import DATA_DIR, REJECTED_DIR, ShardWriter, load_manifest, write_manifest
@@ -53,6 +55,7 @@ from recaption.validation import CaptionInvalid, validate_caption
 _TRUNCATION = {Reason.truncated_member, Reason.missing_from_tar}
 # Shards queued on a worker at once: the next one starts while the last one drains.
 SHARDS_PER_WORKER = 2
+MAX_SHARD_TRIES = 3  # a shard whose worker dies this often is reported failed
 
 
 class RunError(Exception):
@@ -87,7 +90,10 @@ async def process_shard_async(
 ) -> ShardReport:
     """`in_flight` bounds the images being captioned; a worker shares one across its shards."""
     started = time.perf_counter()
-    writer = ShardWriter(Path(cfg.output.path), shard.id, cfg.output.row_group_size)
+    corpus = Path(cfg.output.path)
+    writer = ShardWriter(corpus, shard.id, cfg.output.row_group_size)
+    journal = Journal(corpus, shard.id)  # what an earlier, unfinished run already answered
+    resumed = 0
     timings: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
     usage: Counter[str] = Counter()
@@ -111,19 +117,38 @@ async def process_shard_async(
         attempts: int = 0,
         spent: Counter[str] | None = None,
     ) -> None:
-        writer.reject(
-            Rejection(
-                key=sample.key,
-                shard=shard.id,
-                url=sample.url,
-                stage=stage,
-                reason=reason,
-                detail=detail[:500],
-                attempts=attempts,
-            )
+        rejection = Rejection(
+            key=sample.key,
+            shard=shard.id,
+            url=sample.url,
+            stage=stage,
+            reason=reason,
+            detail=detail[:500],
+            attempts=attempts,
         )
+        writer.reject(rejection)
+        if stage in (Stage.caption, Stage.validate):  # the captioner was asked: never again
+            journal.record("rejected", rejection.model_dump(mode="json"), spent or {})
         rejected[reason] += 1
         on_sample(spent or Counter())
+
+    def replay(sample: Sample, image: PreparedImage, entry: dict) -> None:
+        """A key answered before this shard was interrupted: its row, without a new call."""
+        spent = Counter(entry["spent"])
+        usage.update(spent)
+        if entry["kind"] == "data":
+            row = entry["row"] | {
+                "image": image.data if cfg.output.store_images else None,
+                "image_sha256": image.sha256,
+                "width": image.width,
+                "height": image.height,
+            }
+            writer.add(CaptionRecord.model_validate(row))
+            on_sample(spent)
+        else:
+            writer.reject(Rejection.model_validate(entry["row"]))
+            rejected[entry["row"]["reason"]] += 1
+            on_sample(spent)
 
     async def caption_one(sample: Sample, image: PreparedImage) -> None:
         t0 = time.perf_counter()
@@ -150,28 +175,28 @@ async def process_shard_async(
         finally:
             timings["validate_s"] += time.perf_counter() - t1
         t2 = time.perf_counter()
-        writer.add(
-            CaptionRecord(
-                key=sample.key,
-                shard=shard.id,
-                url=sample.url,
-                alt_text=sample.alt_text,
-                image=image.data if cfg.output.store_images else None,
-                image_sha256=image.sha256,
-                width=image.width,
-                height=image.height,
-                **caption.model_dump(),
-                model=captioner.model,
-                backend=captioner.backend,
-                prompt_version=captioner.prompt_version,
-                input_tokens=result.input_tokens,
-                output_tokens=result.output_tokens,
-                cost_usd=result.cost_usd,
-                attempts=result.attempts,
-                latency_ms=round(latency_ms, 3),
-                created_at=datetime.now(UTC),
-            )
+        record = CaptionRecord(
+            key=sample.key,
+            shard=shard.id,
+            url=sample.url,
+            alt_text=sample.alt_text,
+            image=image.data if cfg.output.store_images else None,
+            image_sha256=image.sha256,
+            width=image.width,
+            height=image.height,
+            **caption.model_dump(),
+            model=captioner.model,
+            backend=captioner.backend,
+            prompt_version=captioner.prompt_version,
+            input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
+            cost_usd=result.cost_usd,
+            attempts=result.attempts,
+            latency_ms=round(latency_ms, 3),
+            created_at=datetime.now(UTC),
         )
+        writer.add(record)
+        journal.record("data", record.model_dump(mode="json", exclude={"image"}), spent)
         timings["write_s"] += time.perf_counter() - t2
         on_sample(spent)
 
@@ -204,6 +229,10 @@ async def process_shard_async(
             finally:
                 sample.image = None  # the raw bytes are not needed past this point
                 timings["prepare_s"] += time.perf_counter() - t0
+            if sample.key in journal.answered:
+                replay(sample, image, journal.answered[sample.key])
+                resumed += 1
+                continue
             await in_flight.acquire()  # at most `limits.concurrency` images held in flight
             task = asyncio.create_task(caption_one(sample, image))
             tasks.add(task)
@@ -218,6 +247,8 @@ async def process_shard_async(
         await asyncio.gather(*tasks, return_exceptions=True)
         writer.abort()
         raise
+    finally:
+        journal.close()  # kept until the manifest records the shard; the driver removes it
 
     timings["total_s"] = time.perf_counter() - started
     requests = outcomes.pop("requests", 0)
@@ -234,6 +265,10 @@ async def process_shard_async(
         cost_usd=usage["cost_micro_usd"] / 1e6,
         requests=requests,
         request_outcomes=dict(sorted(outcomes.items())),
+        resumed=resumed,
+        backend=captioner.backend,
+        model=captioner.model,
+        prompt_version=captioner.prompt_version,
         timings={k: round(v, 4) for k, v in sorted(timings.items())},
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         worker=f"{socket.gethostname()}:{os.getpid()}",
@@ -286,8 +321,9 @@ def ray_runtime(rc: RayConfig) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    if rc.address:
-        ray.init(address=rc.address, log_to_driver=False, logging_level="WARNING")
+    address = rc.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING")
     else:
         cpus = max(os.cpu_count() or 1, math.ceil(rc.workers * rc.cpus_per_worker))
         ray.init(
@@ -352,6 +388,24 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def _guard_config_drift(cfg: PipelineConfig, manifest: Manifest) -> None:
+    """Refuse to mix captions of another model or prompt into a corpus, unless asked to."""
+    new = captioner_identity(cfg)
+    old = {
+        (r.backend, r.model, r.prompt_version): r.shard
+        for r in manifest.shards.values()
+        if r.backend and (r.backend, r.model, r.prompt_version) != new
+    }
+    if old and not cfg.output.allow_config_change:
+        (backend, model, prompt), shard = next(iter(old.items()))
+        raise RunError(
+            f"{cfg.output.path} holds captions by {backend}/{model} with prompt {prompt} "
+            f"(shard {shard}, ...); this run would add {'/'.join(new[:2])} with prompt {new[2]}. "
+            "Use a new output folder, or --set output.allow_config_change=true to mix them "
+            "(every row and shard records its model and prompt_version)"
+        )
+
+
 def _committed(corpus: Path, manifest: Manifest) -> set[str]:
     return {
         sid
@@ -382,9 +436,12 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
         updated_at=now,
         config={},
     )
+    _guard_config_drift(cfg, manifest)
     manifest.config = redacted(cfg)
     manifest.versions = versions
     done = _committed(corpus, manifest)
+    for sid in done:  # left behind by a run stopped between the manifest and the cleanup
+        remove_journal(corpus, sid)
     todo = deque(s for s in shards if s.id not in done)
     summary = RunSummary(corpus=corpus, shards=len(shards), skipped=len(shards) - len(todo))
     if not todo:
@@ -416,6 +473,7 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
 
         workers = [new_worker() for _ in range(n_workers)]
         running: dict[ray.ObjectRef, tuple[int, Any, Shard]] = {}
+        tries: Counter[str] = Counter()  # worker deaths per shard
 
         def submit(slot: int) -> None:
             if todo:
@@ -440,10 +498,14 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
                     slot, worker, shard = running.pop(ref)
                     try:
                         report: ShardReport = ray.get(ref)
-                    except RayActorError as exc:  # the worker process died: replace it
-                        summary.failed[shard.id] = _error_line(exc)
+                    except RayActorError as exc:  # the worker died: replace it, retry the shard
                         if workers[slot] is worker:
                             workers[slot] = new_worker()
+                        tries[shard.id] += 1
+                        if tries[shard.id] < MAX_SHARD_TRIES:
+                            todo.appendleft(shard)  # resumes from its journal
+                        else:
+                            summary.failed[shard.id] = _error_line(exc)
                     except RayTaskError as exc:
                         if isinstance(exc.cause, CaptionerFatal):
                             fatal = str(exc.cause)
@@ -451,6 +513,7 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
                     else:
                         manifest.shards[shard.id] = report
                         write_manifest(corpus, manifest)
+                        remove_journal(corpus, shard.id)  # only now: the shard is on record
                         summary.finished.append(report)
                     submit(slot)
                 if show_progress:

@@ -138,6 +138,10 @@ class ShardReport(BaseModel):
     cost_usd: float = 0.0  # every paid attempt, rejected images' included
     requests: int = 0  # API requests sent, retries included
     request_outcomes: dict[str, int] = {}  # rate_limited, http_503, refusal, ... counts
+    resumed: int = 0  # rows taken from the journal of an interrupted run: no new call
+    backend: str = ""  # the captioner that wrote this shard (rows carry theirs too)
+    model: str = ""
+    prompt_version: str = ""
     timings: dict[str, float] = {}
     peak_rss_mb: float = 0.0
     worker: str = ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import io
 import json
 import math
@@ -57,6 +58,13 @@ class Event:
     status: int  # 0: dropped
     kind: str  # ok, quota, storm, or the fault injected
     charged_tokens: int = 0
+    image: str = ""  # a hash of the image sent, to spot a paid call made twice
+
+
+def repeated_successes(events: list[Event]) -> int:
+    """Successful requests for an image that had already been answered successfully."""
+    ok = Counter(e.image for e in events if e.status == 200 and e.kind == "ok")
+    return sum(n - 1 for n in ok.values())
 
 
 class _Bucket:
@@ -188,8 +196,8 @@ class OpenAIServer:
 
     # -- one request: the decisions, under the lock ----------------------------------------
 
-    def _log(self, now: float, status: int, kind: str, charged: int = 0) -> None:
-        self.events.append(Event(now - self.started, status, kind, charged))
+    def _log(self, now: float, status: int, kind: str, charged: int = 0, image: str = "") -> None:
+        self.events.append(Event(now - self.started, status, kind, charged, image))
         self.kinds[kind] += 1
 
     def _ratelimit_headers(self) -> dict[str, str]:
@@ -202,7 +210,9 @@ class OpenAIServer:
                 headers[f"x-ratelimit-reset-{name}"] = f"{reset:.3f}s"
         return headers
 
-    def admit(self, prompt_tokens: int, max_tokens: int) -> tuple[str, dict[str, str], float]:
+    def admit(
+        self, prompt_tokens: int, max_tokens: int, image: str = ""
+    ) -> tuple[str, dict[str, str], float]:
         """(kind, headers, retry_after_s): kind is "ok", "storm", "quota" or a fault."""
         with self.lock:
             now = time.monotonic()
@@ -229,7 +239,7 @@ class OpenAIServer:
                     kind = name
                     break
             status = {"server_error": 503, "rate_limit": 429, "drop": 0}.get(kind, 200)
-            self._log(now, status, kind, charge)
+            self._log(now, status, kind, charge, image)
             delay = 0.0
             if self.latency_ms:
                 delay = self.rng.lognormvariate(
@@ -351,7 +361,8 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             for im, part in images:
                 prompt_tokens += image_tokens(model, *im.size, part.get("detail", "high"))
             max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 4096)
-            kind, headers, delay = server.admit(prompt_tokens, max_tokens)
+            digest = hashlib.sha1(images[0][1]["url"].encode()).hexdigest()[:16]
+            kind, headers, delay = server.admit(prompt_tokens, max_tokens, digest)
             if kind == "storm":  # as an overloaded gateway does: whole seconds only
                 headers = {"retry-after": str(math.ceil(delay))}
                 return self._error(

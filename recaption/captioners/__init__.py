@@ -77,6 +77,17 @@ def make_captioner(cfg: PipelineConfig, limiters: dict[str, Any] | None = None) 
     raise ValueError(f"unknown captioner.backend {cfg.captioner.backend!r}")
 
 
+def captioner_identity(cfg: PipelineConfig) -> tuple[str, str, str]:
+    """(backend, model, prompt_version) the run's rows will carry, known before any worker."""
+    if cfg.captioner.backend == "analyzer":
+        from recaption.captioners.analyzer import DEFAULT_MODEL, VERSION
+
+        return "analyzer", cfg.captioner.model or DEFAULT_MODEL, VERSION
+    from recaption.captioners.openai import DEFAULT_MODEL, load_prompt
+
+    return "openai", cfg.captioner.model or DEFAULT_MODEL, load_prompt(cfg.captioner.prompt)[0]
+
+
 def metered_endpoints(cfg: PipelineConfig) -> dict[str, tuple[int | None, int | None]]:
     """Endpoint name -> (rpm, tpm) for backends whose quota the run's workers share."""
     if cfg.captioner.backend == "openai":

@@ -26,6 +26,7 @@ from recaption.images import PreparedImage
 from recaption.records import Caption
 
 VERSION = "analyzer-v1"  # stored as prompt_version: bump when captions change for the same image
+DEFAULT_MODEL = "recaption-analyzer"
 _SEG_SIDE = 256  # colour segmentation and shape analysis work at this size
 _FACE_SIDE = 320
 _TEXT_SIDE = 384
@@ -150,7 +151,7 @@ class Analyzer:
     prompt_version = VERSION
 
     def __init__(self, cfg: CaptionerConfig):
-        self.model = cfg.model or "recaption-analyzer"
+        self.model = cfg.model or DEFAULT_MODEL
         self.counters: Counter[str] = Counter()  # no requests: it is all local
         self.ocr_mode = cfg.ocr
         self._faces = (

@@ -1,0 +1,70 @@
+"""Per-shard journal: every answered key, appended as it is answered, so that re-running
+an unfinished shard (a killed job, a dead worker) repeats no paid call.
+
+`CORPUS/.journal/NNNNN.jsonl` holds one JSON line per captioned row (the CaptionRecord
+without its image, which is prepared again from the input) or per caption/validate
+rejection, with what the attempts cost. Each line is written and flushed at once, so a
+killed process loses nothing the OS has seen; fsync runs at most every `fsync_s` seconds
+for machine crashes. A torn last line (a kill mid-write) is cut off when the journal is
+reopened. The driver removes a journal once the manifest records the shard as committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+JOURNAL_DIR = ".journal"
+
+
+def journal_path(corpus: Path, shard: str) -> Path:
+    return corpus / JOURNAL_DIR / f"{shard}.jsonl"
+
+
+def remove_journal(corpus: Path, shard: str) -> None:
+    journal_path(corpus, shard).unlink(missing_ok=True)
+
+
+class Journal:
+    def __init__(self, corpus: Path, shard: str, fsync_s: float = 1.0):
+        self.path = journal_path(corpus, shard)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.answered: dict[str, dict[str, Any]] = self._load()
+        self.fh = open(self.path, "ab")  # noqa: SIM115 - held open for the shard's life
+        self.fsync_s = fsync_s
+        self.synced = time.monotonic()
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if not self.path.exists():
+            return {}
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # a torn last record: cut it, or the next append would join it
+            with open(self.path, "rb+") as fh:
+                fh.truncate(end)
+        answered = {}
+        for line in data[:end].splitlines():
+            try:
+                entry = json.loads(line)
+                answered[entry["row"]["key"]] = entry
+            except (ValueError, KeyError, TypeError):
+                continue  # unreadable: that key is simply asked again
+        return answered
+
+    def record(self, kind: str, row: dict[str, Any], spent: dict[str, float]) -> None:
+        """kind: "data" (a CaptionRecord without image) or "rejected" (a Rejection)."""
+        line = json.dumps({"kind": kind, "row": row, "spent": spent}, default=str)
+        self.fh.write(line.encode() + b"\n")
+        self.fh.flush()
+        if time.monotonic() - self.synced >= self.fsync_s:
+            os.fsync(self.fh.fileno())
+            self.synced = time.monotonic()
+
+    def close(self) -> None:
+        if not self.fh.closed:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()

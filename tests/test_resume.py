@@ -1,0 +1,207 @@
+"""Exactly once: kill -9 the run, kill a worker, crash before the manifest, fail a write;
+the re-run completes the corpus with no key lost or doubled and no answered call repeated."""
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+from openai_server import OpenAIServer, repeated_successes
+from test_pipeline import assert_invariant
+
+from recaption.captioners import make_captioner
+from recaption.config import load_config
+from recaption.journal import Journal, journal_path
+from recaption.pipeline import RunError, process_shard, run
+from recaption.samples import write_samples
+from recaption.sources import list_shards
+from recaption.verify import verify
+
+KEY = "sk-test-resume-secret-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("resume-shards")
+    write_samples(out, shards=3, per_shard=40, seed=11)
+    return out
+
+
+def expected_keys(shards: Path) -> dict[str, set[str]]:
+    return {
+        p.stem: set(pq.read_table(p).column("key").to_pylist())
+        for p in sorted(shards.glob("*.parquet"))
+    }
+
+
+def overrides(server: OpenAIServer, shards: Path, corpus: Path, *extra: str) -> list[str]:
+    return [
+        f"input.path={shards}",
+        f"output.path={corpus}",
+        f"captioner.base_url={server.url}",
+        "limits.concurrency=4",
+        *extra,
+    ]
+
+
+def assert_complete(corpus: Path, shards: Path) -> None:
+    assert_invariant(corpus, expected_keys(shards))
+    verdict = verify(corpus, str(shards))
+    assert verdict.ok, verdict.problems
+    assert not list((corpus / ".journal").glob("*.jsonl"))  # removed once committed
+    for path in corpus.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_kill_9_the_run_at_random_moments_then_resume(shards, tmp_path):
+    corpus = tmp_path / "corpus"
+    rng = random.Random(4)
+    kills = 0
+    with OpenAIServer(latency_ms=150, api_key=KEY) as server:
+        argv = [sys.executable, "-m", "recaption.cli", "run", "--quiet"]
+        argv += ["--pipeline", "pipelines/openai.yaml"]
+        for item in overrides(server, shards, corpus, "ray.workers=2"):
+            argv += ["--set", item]
+        for _ in range(3):
+            seen = len(server.events)
+            proc = subprocess.Popen(
+                argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
+            # kill at a random moment once captioning is under way
+            target = seen + rng.randint(5, 40)
+            while len(server.events) < target and proc.poll() is None:
+                time.sleep(0.02)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)  # the driver alone, as `kill -9 PID` does
+                kills += 1
+            proc.wait()
+            time.sleep(1)  # Ray's raylet and workers die with their parent (they fate-share)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its agents do not: leave no process
+        final = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        events = list(server.events)
+    assert final.returncode == 0, final.stderr
+    assert kills >= 2
+    assert_complete(corpus, shards)
+    # at most what was in flight at each kill: workers x limits.concurrency
+    assert repeated_successes(events) <= kills * 2 * 4
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    assert sum(r["resumed"] for r in manifest["shards"].values()) > 0
+
+
+def test_a_killed_worker_is_replaced_and_its_shard_resumed(ray_cluster, shards, tmp_path):
+    corpus = tmp_path / "corpus"
+    with OpenAIServer(latency_ms=150, api_key=KEY) as server:
+        cfg = load_config(
+            "pipelines/openai.yaml", overrides(server, shards, corpus, "ray.workers=2")
+        )
+
+        def kill_a_worker() -> None:
+            while len(server.events) < 30:
+                time.sleep(0.02)
+            workers = [  # this session's Ray only: its raylet is our child
+                p
+                for p in psutil.Process().children(recursive=True)
+                if "ray::ShardWorker" in " ".join(p.cmdline())
+            ]
+            os.kill(workers[0].pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_a_worker)
+        killer.start()
+        summary = run(cfg, show_progress=False)
+        killer.join()
+        events = list(server.events)
+    assert not summary.failed and len(summary.finished) == 3
+    assert_complete(corpus, shards)
+    assert sum(r.resumed for r in summary.finished) > 0
+    assert repeated_successes(events) <= 4
+
+
+def test_a_crash_between_commit_and_manifest_repeats_no_call(ray_cluster, shards, tmp_path):
+    corpus = tmp_path / "corpus"
+    with OpenAIServer(api_key=KEY) as server:
+        cfg = load_config("pipelines/openai.yaml", overrides(server, shards, corpus))
+        # the worker committed shard 00000's files, and the driver died before the manifest
+        first = process_shard(list_shards(str(shards))[0], cfg, make_captioner(cfg))
+        assert journal_path(corpus, "00000").exists() and not (corpus / "manifest.json").exists()
+        asked = len(server.events)
+        summary = run(cfg, show_progress=False)
+        events = list(server.events)
+    redone = next(r for r in summary.finished if r.shard == "00000")
+    assert redone.resumed == first.captioned and redone.captioned == first.captioned
+    assert repeated_successes(events) == 0
+    assert len(events) - asked == sum(r.requests for r in summary.finished)
+    assert_complete(corpus, shards)
+
+
+def test_a_failed_write_keeps_the_journal_and_the_rerun_completes(ray_cluster, shards, tmp_path):
+    corpus = tmp_path / "corpus"
+    obstacle = corpus / "rejected" / "00001.parquet"
+    obstacle.mkdir(parents=True)  # the final name is taken: the commit's rename fails
+    with OpenAIServer(api_key=KEY) as server:
+        cfg = load_config("pipelines/openai.yaml", overrides(server, shards, corpus))
+        summary = run(cfg, show_progress=False)
+        assert list(summary.failed) == ["00001"]
+        assert "Is a directory" in summary.failed["00001"]
+        answered = Journal(corpus, "00001").answered
+        assert len(answered) > 30  # every caption is kept for the re-run
+        obstacle.rmdir()
+        asked = len(server.events)
+        again = run(cfg, show_progress=False)
+        events = list(server.events)
+    assert [r.shard for r in again.finished] == ["00001"] and again.skipped == 2
+    assert again.finished[0].resumed == len(answered)
+    assert len(events) == asked  # nothing asked again
+    assert_complete(corpus, shards)
+
+
+def test_a_torn_journal_record_is_cut_and_asked_again(tmp_path):
+    journal = Journal(tmp_path, "00000")
+    journal.record("rejected", {"key": "a", "reason": "refusal"}, {})
+    journal.record("rejected", {"key": "b", "reason": "refusal"}, {})
+    journal.close()
+    path = journal_path(tmp_path, "00000")
+    path.write_bytes(path.read_bytes()[:-7])  # killed in the middle of writing "b"
+    reopened = Journal(tmp_path, "00000")
+    assert set(reopened.answered) == {"a"}
+    reopened.record("rejected", {"key": "c", "reason": "refusal"}, {})
+    reopened.close()
+    assert set(Journal(tmp_path, "00000").answered) == {"a", "c"}
+
+
+def test_a_different_model_is_refused_unless_asked_for(ray_cluster, shards, tmp_path):
+    corpus = tmp_path / "corpus"
+    base = [f"input.path={shards}", f"output.path={corpus}", "captioner.ocr=never"]
+    only_first = tmp_path / "first"
+    only_first.mkdir()
+    for name in ("00000.tar", "00000.parquet"):
+        (only_first / name).symlink_to(shards / name)
+    run(load_config("pipelines/default.yaml", [*base, f"input.path={only_first}"]), False)
+    with OpenAIServer(api_key=KEY) as server:
+        cfg = load_config("pipelines/openai.yaml", overrides(server, shards, corpus))
+        with pytest.raises(RunError, match="allow_config_change"):
+            run(cfg, show_progress=False)
+        cfg = load_config(
+            "pipelines/openai.yaml",
+            overrides(server, shards, corpus, "output.allow_config_change=true"),
+        )
+        run(cfg, show_progress=False)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    assert {r["backend"] for r in manifest["shards"].values()} == {"analyzer", "openai"}
+    assert_complete(corpus, shards)
