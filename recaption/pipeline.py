@@ -472,17 +472,23 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
             return ShardWorker.options(num_cpus=cfg.ray.cpus_per_worker).remote(cfg, limiters, env)
 
         workers = [new_worker() for _ in range(n_workers)]
+        # Work goes to a worker once it is up: one that cannot be placed (a full cluster, a
+        # replacement for a dead node) holds no shard hostage; the others take them all.
+        starting = {w.__ray_ready__.remote(): slot for slot, w in enumerate(workers)}
+        up: set[int] = set()
         running: dict[ray.ObjectRef, tuple[int, Any, Shard]] = {}
         tries: Counter[str] = Counter()  # worker deaths per shard
 
         def submit(slot: int) -> None:
-            if todo:
+            if todo and slot in up:
                 shard = todo.popleft()
                 running[workers[slot].process.remote(shard)] = (slot, workers[slot], shard)
 
-        for _ in range(SHARDS_PER_WORKER):
-            for slot in range(n_workers):
-                submit(slot)
+        def replace(slot: int) -> None:
+            up.discard(slot)
+            workers[slot] = new_worker()
+            starting[workers[slot].__ray_ready__.remote()] = slot
+
         bar = tqdm(
             total=expected,
             unit="img",
@@ -492,20 +498,35 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
         )
         fatal = None
         try:
-            while running and not fatal:
-                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            while (running or (todo and starting)) and not fatal:
+                ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=0.5)
                 for ref in ready:
+                    if ref in starting:
+                        slot = starting.pop(ref)
+                        try:
+                            ray.get(ref)
+                        except RayActorError:  # died while starting
+                            replace(slot)
+                            continue
+                        up.add(slot)
+                        for _ in range(SHARDS_PER_WORKER):
+                            submit(slot)
+                        continue
                     slot, worker, shard = running.pop(ref)
                     try:
                         report: ShardReport = ray.get(ref)
                     except RayActorError as exc:  # the worker died: replace it, retry the shard
                         if workers[slot] is worker:
-                            workers[slot] = new_worker()
+                            replace(slot)
                         tries[shard.id] += 1
                         if tries[shard.id] < MAX_SHARD_TRIES:
-                            todo.appendleft(shard)  # resumes from its journal
+                            todo.appendleft(shard)  # resumes from its journal, on any worker
                         else:
                             summary.failed[shard.id] = _error_line(exc)
+                        for other in up:  # whoever has room takes it now
+                            if sum(s == other for s, _, _ in running.values()) < SHARDS_PER_WORKER:
+                                submit(other)
+                        continue
                     except RayTaskError as exc:
                         if isinstance(exc.cause, CaptionerFatal):
                             fatal = str(exc.cause)
@@ -517,11 +538,13 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
                         summary.finished.append(report)
                     submit(slot)
                 if show_progress:
-                    _show_progress(bar, workers, summary, time.perf_counter() - started)
+                    live = [workers[slot] for slot in sorted(up)]
+                    _show_progress(bar, live, summary, time.perf_counter() - started)
         finally:
             bar.close()
             with contextlib.suppress(Exception):
-                summary.workers = ray.get([w.progress.remote() for w in workers], timeout=5)
+                live = [workers[slot] for slot in sorted(up)]
+                summary.workers = ray.get([w.progress.remote() for w in live], timeout=5)
             for actor in [*workers, *limiters.values()]:  # stops shards still running
                 ray.kill(actor)
         if fatal:

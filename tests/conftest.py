@@ -35,6 +35,14 @@ def sample_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """Three shards of 40 URLs for the API runs: enough to kill things in the middle of."""
+    out = tmp_path_factory.mktemp("api-shards")
+    write_samples(out, shards=3, per_shard=40, seed=11)
+    return out
+
+
 # --- image bytes ----------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -264,6 +265,11 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, *args) -> None:  # quiet
             pass
+
+        def handle(self) -> None:
+            # the client went away (a killed worker): nothing to answer
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                super().handle()
 
         def _send(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
             data = json.dumps(body).encode()

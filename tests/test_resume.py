@@ -22,7 +22,6 @@ from recaption.captioners import make_captioner
 from recaption.config import load_config
 from recaption.journal import Journal, journal_path
 from recaption.pipeline import RunError, process_shard, run
-from recaption.samples import write_samples
 from recaption.sources import list_shards
 from recaption.verify import verify
 
@@ -33,13 +32,6 @@ KEY = "sk-test-resume-secret-0123456789"
 def api_key(monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("resume-shards")
-    write_samples(out, shards=3, per_shard=40, seed=11)
-    return out
 
 
 def expected_keys(shards: Path) -> dict[str, set[str]]:
