@@ -35,6 +35,9 @@ class OutputConfig(_Strict):
     )
     # a corpus holds one captioner's output; true lets a re-run add another model or prompt
     allow_config_change: bool = False
+    # every answered key is journaled so an interrupted shard repeats no call; false redoes
+    # such a shard whole (only sensible for a free captioner)
+    journal: bool = True
 
 
 class ImageConfig(_Strict):

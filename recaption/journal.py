@@ -29,10 +29,14 @@ def remove_journal(corpus: Path, shard: str) -> None:
 
 
 class Journal:
-    def __init__(self, corpus: Path, shard: str, fsync_s: float = 1.0):
+    def __init__(self, corpus: Path, shard: str, fsync_s: float = 1.0, enabled: bool = True):
         self.path = journal_path(corpus, shard)
+        self.enabled = enabled
+        self.answered: dict[str, dict[str, Any]] = {}
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.answered: dict[str, dict[str, Any]] = self._load()
+        self.answered = self._load()
         self.fh = open(self.path, "ab")  # noqa: SIM115 - held open for the shard's life
         self.fsync_s = fsync_s
         self.synced = time.monotonic()
@@ -56,6 +60,8 @@ class Journal:
 
     def record(self, kind: str, row: dict[str, Any], spent: dict[str, float]) -> None:
         """kind: "data" (a CaptionRecord without image) or "rejected" (a Rejection)."""
+        if not self.enabled:
+            return
         line = json.dumps({"kind": kind, "row": row, "spent": spent}, default=str)
         self.fh.write(line.encode() + b"\n")
         self.fh.flush()
@@ -64,7 +70,7 @@ class Journal:
             self.synced = time.monotonic()
 
     def close(self) -> None:
-        if not self.fh.closed:
+        if self.enabled and not self.fh.closed:
             self.fh.flush()
             os.fsync(self.fh.fileno())
             self.fh.close()

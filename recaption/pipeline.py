@@ -73,7 +73,14 @@ def process_shard(
 ) -> ShardReport:
     """Caption one shard and commit its output; every sample ends in data/ or rejected/.
     `on_sample` gets each sample's usage (tokens, micro-dollars) as it is written."""
-    return asyncio.run(process_shard_async(shard, cfg, captioner, on_sample))
+
+    async def once() -> ShardReport:
+        try:
+            return await process_shard_async(shard, cfg, captioner, on_sample)
+        finally:
+            await captioner.aclose()  # its connections belong to this event loop
+
+    return asyncio.run(once())
 
 
 def _cpu_s() -> float:
@@ -92,7 +99,8 @@ async def process_shard_async(
     started = time.perf_counter()
     corpus = Path(cfg.output.path)
     writer = ShardWriter(corpus, shard.id, cfg.output.row_group_size)
-    journal = Journal(corpus, shard.id)  # what an earlier, unfinished run already answered
+    # what an earlier, unfinished run of this shard already answered
+    journal = Journal(corpus, shard.id, enabled=cfg.output.journal)
     resumed = 0
     timings: Counter[str] = Counter()
     rejected: Counter[str] = Counter()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from openai_server import OpenAIServer, repeated_successes
@@ -197,3 +198,28 @@ def test_a_different_model_is_refused_unless_asked_for(ray_cluster, shards, tmp_
     manifest = json.loads((corpus / "manifest.json").read_text())
     assert {r["backend"] for r in manifest["shards"].values()} == {"analyzer", "openai"}
     assert_complete(corpus, shards)
+
+
+def test_verify_reports_a_lost_and_a_doubled_key(ray_cluster, sample_shards, tmp_path):
+    corpus = tmp_path / "corpus"
+    base = [f"input.path={sample_shards}", f"output.path={corpus}", "captioner.ocr=never"]
+    run(load_config("pipelines/default.yaml", base), show_progress=False)
+
+    def verify_cli() -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "recaption.cli", "verify", str(corpus)]
+        return subprocess.run(
+            [*argv, "--input", str(sample_shards)], capture_output=True, text=True
+        )
+
+    ok = verify_cli()
+    assert ok.returncode == 0 and "OK: 2 shards" in ok.stdout, ok.stdout
+    path = corpus / "data" / "00000.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.slice(1), path)  # a row lost
+    lost = verify_cli()
+    assert lost.returncode == 1
+    assert "1 input keys in neither data/ nor rejected/" in lost.stdout
+    assert "the manifest says" in lost.stdout
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), path)  # a row doubled
+    doubled = verify_cli()
+    assert doubled.returncode == 1 and "1 keys appear twice" in doubled.stdout

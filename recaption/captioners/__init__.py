@@ -63,6 +63,9 @@ class Captioner(Protocol):
 
     async def caption(self, image: PreparedImage) -> CaptionResult: ...
 
+    async def aclose(self) -> None:
+        """Release connections bound to the running event loop."""
+
 
 def make_captioner(cfg: PipelineConfig, limiters: dict[str, Any] | None = None) -> Captioner:
     """`limiters`: endpoint name -> shared LimiterActor, for backends that call a metered API."""

@@ -168,6 +168,9 @@ class Analyzer:
             else:
                 self._ocr = RapidOCR()
 
+    async def aclose(self) -> None:
+        pass  # nothing held
+
     async def caption(self, image: PreparedImage) -> CaptionResult:
         analysis = self.analyze(image.image)
         return CaptionResult(caption=describe(analysis, seed=image.sha256))

@@ -191,6 +191,11 @@ class Endpoint:
             self._client, self._loop = make_client(self.config, self.timeout_s), loop
         return self._client
 
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = self._loop = None
+
     def healthy(self, now: float) -> bool:
         return now >= self.benched_until
 
@@ -342,6 +347,10 @@ class OpenAICaptioner:
         }
         self.counters: Counter[str] = Counter()  # requests and their outcomes, for progress
         self._prompt_chars = len(self.prompt) + len(json.dumps(Caption.model_json_schema()))
+
+    async def aclose(self) -> None:
+        for endpoint in self.pool.endpoints:
+            await endpoint.aclose()
 
     # -- one image ----------------------------------------------------------------------------
 
