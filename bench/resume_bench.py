@@ -15,10 +15,7 @@ kills     `kill -9` of the `recaption run` process at random moments during a ru
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from kill_run import kill_after, run_argv  # noqa: E402
 from openai_server import OpenAIServer, repeated_successes  # noqa: E402
 
 from recaption.captioners import make_captioner  # noqa: E402
@@ -68,38 +66,23 @@ def journal_overhead(workdir: Path, repeats: int) -> dict:
 
 def kills(workdir: Path, n: int) -> dict:
     shards = workdir / "shards-kill"
-    write_samples(shards, shards=4, per_shard=60, seed=5)
+    write_samples(shards, shards=4, per_shard=80, seed=5)
     corpus = workdir / "corpus-kill"
     rng = random.Random(1)
     killed = 0
     with OpenAIServer(latency_ms=150) as server:
-        argv = [sys.executable, "-m", "recaption.cli", "run", "--quiet"]
-        argv += ["--pipeline", str(ROOT / "pipelines/openai.yaml")]
-        for item in (
-            f"input.path={shards}",
-            f"output.path={corpus}",
-            f"captioner.base_url={server.url}",
-            "limits.concurrency=8",
-            "ray.workers=2",
-        ):
-            argv += ["--set", item]
-        done = False
-        while killed < n and not done:
-            seen = len(server.events)
-            proc = subprocess.Popen(
-                argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-            )
-            target = seen + rng.randint(5, 30)
-            while len(server.events) < target and proc.poll() is None:
-                time.sleep(0.02)
-            done = proc.poll() is not None
-            if not done:
-                proc.send_signal(signal.SIGKILL)
-                killed += 1
-            proc.wait()
-            time.sleep(1)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        argv = run_argv(
+            ROOT / "pipelines/openai.yaml",
+            [
+                f"input.path={shards}",
+                f"output.path={corpus}",
+                f"captioner.base_url={server.url}",
+                "limits.concurrency=8",
+                "ray.workers=2",
+            ],
+        )
+        while killed < n and kill_after(argv, server, rng.randint(5, 30)):
+            killed += 1
         final = subprocess.run(argv, capture_output=True, text=True)
         events = list(server.events)
     total = repeated_successes(events)

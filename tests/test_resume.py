@@ -1,7 +1,6 @@
 """Exactly once: kill -9 the run, kill a worker, crash before the manifest, fail a write;
 the re-run completes the corpus with no key lost or doubled and no answered call repeated."""
 
-import contextlib
 import json
 import os
 import random
@@ -16,6 +15,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from kill_run import kill_after, run_argv
 from openai_server import OpenAIServer, repeated_successes
 from test_pipeline import assert_invariant
 
@@ -67,26 +67,9 @@ def test_kill_9_the_run_at_random_moments_then_resume(shards, tmp_path):
     rng = random.Random(4)
     kills = 0
     with OpenAIServer(latency_ms=150, api_key=KEY) as server:
-        argv = [sys.executable, "-m", "recaption.cli", "run", "--quiet"]
-        argv += ["--pipeline", "pipelines/openai.yaml"]
-        for item in overrides(server, shards, corpus, "ray.workers=2"):
-            argv += ["--set", item]
-        for _ in range(3):
-            seen = len(server.events)
-            proc = subprocess.Popen(
-                argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-            )
-            # kill at a random moment once captioning is under way
-            target = seen + rng.randint(5, 40)
-            while len(server.events) < target and proc.poll() is None:
-                time.sleep(0.02)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)  # the driver alone, as `kill -9 PID` does
-                kills += 1
-            proc.wait()
-            time.sleep(1)  # Ray's raylet and workers die with their parent (they fate-share)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # its agents do not: leave no process
+        argv = run_argv("pipelines/openai.yaml", overrides(server, shards, corpus, "ray.workers=2"))
+        for _ in range(3):  # at a random moment once captioning is under way
+            kills += kill_after(argv, server, rng.randint(5, 40))
         final = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         events = list(server.events)
     assert final.returncode == 0, final.stderr

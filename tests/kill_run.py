@@ -1,0 +1,39 @@
+"""`kill -9` a `recaption run` at a chosen moment: shared by tests/test_resume.py and bench/."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from openai_server import OpenAIServer
+
+
+def run_argv(pipeline: str | Path, overrides: list[str]) -> list[str]:
+    argv = [sys.executable, "-m", "recaption.cli", "run", "--quiet", "--pipeline", str(pipeline)]
+    for item in overrides:
+        argv += ["--set", item]
+    return argv
+
+
+def kill_after(argv: list[str], server: OpenAIServer, requests: int) -> bool:
+    """Start the run; SIGKILL its process once the server has seen `requests` more requests.
+    False if the run finished first."""
+    target = len(server.events) + requests
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    while len(server.events) < target and proc.poll() is None:
+        time.sleep(0.02)
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)  # the driver alone, as `kill -9 PID` does
+    proc.wait()
+    time.sleep(1)  # Ray's raylet and workers die with their parent (they fate-share)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # its agents may not: leave no process behind
+    return killed
