@@ -15,6 +15,7 @@ kills     `kill -9` of the `recaption run` process at random moments during a ru
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import subprocess
@@ -66,7 +67,7 @@ def journal_overhead(workdir: Path, repeats: int) -> dict:
 
 def kills(workdir: Path, n: int) -> dict:
     shards = workdir / "shards-kill"
-    write_samples(shards, shards=4, per_shard=80, seed=5)
+    write_samples(shards, shards=4, per_shard=150, seed=5)
     corpus = workdir / "corpus-kill"
     rng = random.Random(1)
     killed = 0
@@ -87,7 +88,10 @@ def kills(workdir: Path, n: int) -> dict:
         events = list(server.events)
     total = repeated_successes(events)
     verdict = verify(corpus, str(shards))
+    totals = json.loads((corpus / "manifest.json").read_text())["totals"]
     return {
+        "captioned": totals["captioned"],
+        "rejected_by_reason": totals["rejected_by_reason"],
         "kills": killed,
         "repeated_paid_calls": total,
         "per_kill": total / max(1, killed),
@@ -113,7 +117,8 @@ def main() -> None:
         print(
             f"kills: {killed['kills']} kill -9s, {killed['repeated_paid_calls']} repeated paid "
             f"calls ({killed['per_kill']:.1f} per kill, bound {killed['bound_per_kill']}), "
-            f"{killed['requests']} requests; final run exit {killed['final_exit']}, "
+            f"{killed['requests']} requests for {killed['captioned']} captions "
+            f"(rejected: {killed['rejected_by_reason']}); final run exit {killed['final_exit']}, "
             f"verify {'OK' if killed['verify_ok'] else 'FAILED'}"
         )
 
