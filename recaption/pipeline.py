@@ -1,10 +1,12 @@
 """The job: input shards in, corpus shards out, on Ray.
 
-run() ── list_shards ── skip shards already in the manifest ── ShardWorker actors
-ShardWorker.process(shard) = process_shard():
-    read_samples ─▶ prepare ─▶ captioner.caption ─▶ validate_caption ─▶ ShardWriter
+run() ── list_shards ── skip shards in the manifest ── preflight ── LimiterActor per endpoint
+      ── ShardWorker actors (two shards queued each; a dead worker's shards go back in line)
+ShardWorker.process(shard) = process_shard_async():
+    read_samples ─▶ prepare ─▶ [journal has it? replay] ─▶ captioner.caption
+                 ─▶ validate_caption ─▶ ShardWriter + Journal
                       │ every failure becomes a Rejection row, never a crash
-the driver records each finished shard in manifest.json as it completes.
+the driver records each committed shard in manifest.json, then drops its journal.
 """
 
 from __future__ import annotations
