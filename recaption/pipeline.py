@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import math
 import os
 import platform
@@ -58,6 +59,7 @@ _TRUNCATION = {Reason.truncated_member, Reason.missing_from_tar}
 # Shards queued on a worker at once: the next one starts while the last one drains.
 SHARDS_PER_WORKER = 2
 MAX_SHARD_TRIES = 3  # a shard whose worker dies this often is reported failed
+LOCK = ".lock"  # in the corpus, held by the run writing to it
 
 
 class RunError(Exception):
@@ -431,14 +433,38 @@ def _error_line(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {text[-1] if text else ''}"
 
 
+@contextlib.contextmanager
+def corpus_lock(corpus: Path) -> Iterator[None]:
+    """One run at a time per corpus. The OS drops the lock when the holder dies, even by
+    `kill -9`, so a crashed run never leaves a stale lock behind."""
+    with open(corpus / LOCK, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunError(
+                f"{corpus} is in use by another recaption run ({holder}); wait for it or stop it"
+            ) from None
+        fh.truncate(0)
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield
+
+
 def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
-    started = time.perf_counter()
     shards = list_shards(cfg.input.path, cfg.input.format)
     corpus = Path(cfg.output.path)
     try:
         corpus.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunError(f"cannot create output folder {corpus}: {exc.strerror or exc}") from None
+    with corpus_lock(corpus):
+        return _run(cfg, shards, corpus, show_progress)
+
+
+def _run(cfg: PipelineConfig, shards: list[Shard], corpus: Path, show_progress: bool) -> RunSummary:
+    started = time.perf_counter()
     now, versions = datetime.now(UTC), _versions()
     manifest = load_manifest(corpus) or Manifest(
         recaption_version=versions.get("recaption", "0"),

@@ -22,7 +22,7 @@ from test_pipeline import assert_invariant
 from recaption.captioners import make_captioner
 from recaption.config import load_config
 from recaption.journal import Journal, journal_path
-from recaption.pipeline import RunError, process_shard, run
+from recaption.pipeline import RunError, corpus_lock, process_shard, run
 from recaption.sources import list_shards
 from recaption.verify import verify
 
@@ -206,3 +206,15 @@ def test_verify_reports_a_lost_and_a_doubled_key(ray_cluster, sample_shards, tmp
     pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), path)  # a row doubled
     doubled = verify_cli()
     assert doubled.returncode == 1 and "1 keys appear twice" in doubled.stdout
+
+
+def test_one_run_at_a_time_per_corpus(sample_shards, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    cfg = load_config(
+        "pipelines/default.yaml", [f"input.path={sample_shards}", f"output.path={corpus}"]
+    )
+    held = f"in use by another recaption run \\(pid {os.getpid()}"
+    with corpus_lock(corpus), pytest.raises(RunError, match=held):  # as if another run held it
+        run(cfg, show_progress=False)
+    assert not (corpus / "manifest.json").exists()
