@@ -156,11 +156,10 @@ async def process_shard_async(
                 "height": image.height,
             }
             writer.add(CaptionRecord.model_validate(row))
-            on_sample(spent)
         else:
             writer.reject(Rejection.model_validate(entry["row"]))
             rejected[entry["row"]["reason"]] += 1
-            on_sample(spent)
+        on_sample(spent)
 
     async def caption_one(sample: Sample, image: PreparedImage) -> None:
         t0 = time.perf_counter()

@@ -19,7 +19,7 @@ from recaption.pipeline import RunError, process_shard, run
 from recaption.pricing import PRICES
 from recaption.sources import list_shards
 
-KEY = "sk-test-do-not-write-me-anywhere"
+KEY = "fake-test-key-do-not-write-me-anywhere"
 
 
 @pytest.fixture(autouse=True)
@@ -169,7 +169,7 @@ def test_structured_output_sends_the_caption_schema(sample_shards, tmp_path):
 
 
 def test_a_revoked_key_stops_the_shard_and_commits_nothing(sample_shards, tmp_path):
-    with OpenAIServer(api_key="sk-another-key") as server:
+    with OpenAIServer(api_key="fake-another-key") as server:
         cfg = openai_config(server, sample_shards, tmp_path / "c")
         captioner = make_captioner(cfg)
         with pytest.raises(CaptionerFatal, match="OPENAI_API_KEY"):
@@ -281,7 +281,7 @@ def test_cli_server_down_at_start_fails_cleanly(sample_shards, tmp_path):
 
 
 def test_a_wrong_key_fails_before_any_work(sample_shards, tmp_path):
-    with OpenAIServer(api_key="sk-the-right-one") as server:
+    with OpenAIServer(api_key="fake-the-right-one") as server:
         with pytest.raises(RunError, match="refused the API key"):
             run(openai_config(server, sample_shards, tmp_path / "c"), show_progress=False)
         assert not server.events  # the preflight costs no completion

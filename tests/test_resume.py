@@ -26,7 +26,7 @@ from recaption.pipeline import RunError, corpus_lock, process_shard, run
 from recaption.sources import list_shards
 from recaption.verify import verify
 
-KEY = "sk-test-resume-secret-0123456789"
+KEY = "fake-test-resume-secret-0123456789"
 
 
 @pytest.fixture(autouse=True)

@@ -253,7 +253,11 @@ class _Retry(Exception):
 
 @dataclass
 class _Tries:
+    """One image's attempts: what is sent each time, and what they used."""
+
     max_tokens: int
+    image_url: str  # the prepared image as a base64 data URL, encoded once
+    image_tokens: int
     attempts: int = 0  # HTTP attempts, all told
     rate_limited: int = 0  # of which answered 429: these cost nothing and spend no budget
     refusals: int = 0
@@ -337,16 +341,17 @@ class OpenAICaptioner:
         self.price: Price = price_for(
             self.model, Price(**cfg.price.model_dump()) if cfg.price else None
         )
+        schema = Caption.model_json_schema()
         self.schema = {
             "type": "json_schema",
-            "json_schema": {
-                "name": "caption",
-                "strict": True,
-                "schema": Caption.model_json_schema(),
-            },
+            "json_schema": {"name": "caption", "strict": True, "schema": schema},
         }
+        # without a schema on the wire (JSON mode, plain text) the prompt spells it out
+        self.prompt_with_schema = (
+            f"{self.prompt}\n\nReply with only the JSON object, matching this JSON Schema:\n"
+            f"{json.dumps(schema)}"
+        )
         self.counters: Counter[str] = Counter()  # requests and their outcomes, for progress
-        self._prompt_chars = len(self.prompt) + len(json.dumps(Caption.model_json_schema()))
 
     async def aclose(self) -> None:
         for endpoint in self.pool.endpoints:
@@ -355,7 +360,12 @@ class OpenAICaptioner:
     # -- one image ----------------------------------------------------------------------------
 
     async def caption(self, image: PreparedImage) -> CaptionResult:
-        tries = _Tries(max_tokens=self.cfg.max_output_tokens)
+        data = base64.b64encode(image.data).decode()
+        tries = _Tries(
+            max_tokens=self.cfg.max_output_tokens,
+            image_url=f"data:{_MIME[self.cfg.image.format]};base64,{data}",
+            image_tokens=image_tokens(self.model, image.width, image.height, self.cfg.image.detail),
+        )
         budget = self.cfg.max_attempts
 
         def out_of_attempts(state: RetryCallState) -> bool:
@@ -371,7 +381,7 @@ class OpenAICaptioner:
         try:
             async for attempt in retrying:
                 with attempt:
-                    caption = await self._attempt(image, tries)
+                    caption = await self._attempt(tries)
         except _Retry as exc:  # out of attempts
             raise self._failure(exc.reason, exc.detail, tries) from None
         return CaptionResult(
@@ -398,12 +408,8 @@ class OpenAICaptioner:
             outcomes=tries.outcomes,
         )
 
-    def _request(self, endpoint: Endpoint, image: PreparedImage, max_tokens: int) -> dict:
-        url = f"data:{_MIME[self.cfg.image.format]};base64,{base64.b64encode(image.data).decode()}"
-        system = self.prompt
-        if endpoint.mode != "json_schema":  # no schema on the wire: spell it out
-            system += "\n\nReply with only the JSON object, matching this JSON Schema:\n"
-            system += json.dumps(Caption.model_json_schema())
+    def _request(self, endpoint: Endpoint, tries: _Tries) -> dict:
+        system = self.prompt if endpoint.mode == "json_schema" else self.prompt_with_schema
         request: dict[str, Any] = {
             "model": endpoint.model,
             "messages": [
@@ -414,12 +420,15 @@ class OpenAICaptioner:
                         {"type": "text", "text": "Caption this image."},
                         {
                             "type": "image_url",
-                            "image_url": {"url": url, "detail": self.cfg.image.detail},
+                            "image_url": {
+                                "url": tries.image_url,
+                                "detail": self.cfg.image.detail,
+                            },
                         },
                     ],
                 },
             ],
-            "max_completion_tokens": max_tokens,
+            "max_completion_tokens": tries.max_tokens,
         }
         if endpoint.mode == "json_schema":
             request["response_format"] = self.schema
@@ -429,14 +438,14 @@ class OpenAICaptioner:
             request["temperature"] = self.cfg.temperature
         return request
 
-    async def _attempt(self, image: PreparedImage, tries: _Tries) -> Caption:
-        image_cost = image_tokens(self.model, image.width, image.height, self.cfg.image.detail)
+    async def _attempt(self, tries: _Tries) -> Caption:
         # text at ~3 characters a token overestimates a little; `settle` corrects it
-        estimate = self._prompt_chars // 3 + 40 + image_cost + tries.max_tokens
+        text_tokens = len(self.prompt_with_schema) // 3 + 40
+        estimate = text_tokens + tries.image_tokens + tries.max_tokens
         endpoint, permit = await self.pool.acquire(estimate)
         tries.attempts += 1
         self._count(tries, "requests")
-        request = self._request(endpoint, image, tries.max_tokens)
+        request = self._request(endpoint, tries)
         try:
             raw = await endpoint.client.chat.completions.with_raw_response.create(**request)
             completion = raw.parse()
