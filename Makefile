@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SHARDS := data/shards
 CORPUS := data/corpus
+TRAIN_STEPS ?= 600
 
-.PHONY: setup recaption test lint format schemas bench bench-openai clean
+.PHONY: setup recaption train test lint format schemas bench bench-openai bench-lens clean
 
 setup: $(STAMP)
 
@@ -14,13 +15,18 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,ocr,samples]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ocr,samples,train]'
 	touch $(STAMP)
 
 recaption: setup
 	$(BIN)/recaption samples $(SHARDS)
 	$(BIN)/recaption run --pipeline pipelines/default.yaml --input $(SHARDS) --output $(CORPUS)
 	$(BIN)/recaption report $(CORPUS)
+
+# The bundled Lens trainer on the corpus `make recaption` wrote (made first if missing).
+train: setup
+	test -f $(CORPUS)/manifest.json || $(MAKE) recaption
+	$(BIN)/recaption lens train --corpus $(CORPUS) --config tiny --steps $(TRAIN_STEPS) --out runs/lens-tiny
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -42,6 +48,10 @@ bench: setup
 # ~12 minutes: quota use, 429s and a 429 storm against the loopback test server
 bench-openai: setup
 	$(BIN)/python bench/openai_bench.py
+
+# ~15 minutes: scene shards, analyzer captions, `tiny` for 10 minutes, held-out samples
+bench-lens: setup
+	$(BIN)/python bench/lens_bench.py
 
 clean:
 	rm -rf data/corpus data/shards .pytest_cache

@@ -33,7 +33,11 @@ def cmd_samples(args: argparse.Namespace) -> int:
 
     try:
         paths = write_samples(
-            Path(args.dir), shards=args.shards, per_shard=args.per_shard, seed=args.seed
+            Path(args.dir),
+            shards=args.shards,
+            per_shard=args.per_shard,
+            seed=args.seed,
+            photo_share=args.photo_share,
         )
     except RuntimeError as exc:
         raise ConfigError(str(exc)) from None
@@ -81,6 +85,53 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lens_train(args: argparse.Namespace) -> int:
+    from recaption.lens.config import load_lens_config
+
+    overrides = list(args.set)
+    for key in ("steps", "device", "batch_size"):
+        if getattr(args, key) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
+    cfg = load_lens_config(args.config, overrides)
+    from recaption.lens.train import train  # torch: imported only when training
+
+    out = args.out or f"runs/lens-{cfg.name}"
+    summary = train(
+        args.corpus,
+        cfg,
+        out,
+        cache_dir=args.cache_dir,
+        progress=not args.quiet,
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+    )
+    for line in summary.lines():
+        print(f"recaption lens: {line}")
+    return 0
+
+
+def cmd_lens_sample(args: argparse.Namespace) -> int:
+    from recaption.lens.sample import sample_to_files
+
+    prompts = list(args.prompt)
+    if args.prompts:
+        prompts += [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
+    if not prompts:
+        raise ConfigError("give at least one --prompt (or --prompts FILE)")
+    written = sample_to_files(
+        args.run,
+        prompts,
+        Path(args.out),
+        args.n,
+        args.cfg,
+        args.steps,
+        args.seed,
+        args.device,
+        args.cache_dir,
+    )
+    print(f"recaption lens: wrote {len(written) - 1} images and {written[-1]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recaption", description="Recaption web image shards into a dense-caption corpus."
@@ -108,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--per-shard", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--photo-share", type=float, default=0.5, help="photographs; the rest are shape scenes"
+    )
     p.set_defaults(func=cmd_samples)
 
     p = sub.add_parser(
@@ -128,6 +182,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schemas", help="write the JSON Schema files of the records to DIR")
     p.add_argument("dir", nargs="?", default="schemas")
     p.set_defaults(func=cmd_schemas)
+
+    lens = sub.add_parser("lens", help="the bundled minimal Lens trainer").add_subparsers(
+        dest="lens_command", required=True
+    )
+    p = lens.add_parser("train", help="train a small MMDiT on a corpus (resumes a killed run)")
+    p.add_argument("--corpus", required=True, help="corpus folder or URI (s3://...)")
+    p.add_argument("--config", default="tiny", help="preset: tiny (CPU) or small (one GPU)")
+    p.add_argument("--out", help="run folder (default runs/lens-CONFIG)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--max-minutes", type=float, help="stop after this long, with a checkpoint to resume"
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--cache-dir", type=Path, help="text feature cache (~/.cache/recaption/text)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_lens_train)
+
+    p = lens.add_parser("sample", help="draw images for prompts from a trained run")
+    p.add_argument("--run", required=True, help="run folder, e.g. runs/lens-tiny")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="a file of prompts, one a line")
+    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=32, help="Euler steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="samples")
+    p.add_argument("--cache-dir", type=Path, help="text feature cache (~/.cache/recaption/text)")
+    p.set_defaults(func=cmd_lens_sample)
     return parser
 
 

@@ -7,27 +7,31 @@ so a typo in a pipeline file or a `--set` fails loudly instead of being ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(Exception):
     """A bad pipeline file or override; the message is one line meant for the user."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """A config section: unknown keys are errors."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class InputConfig(_Strict):
+class InputConfig(Strict):
     path: str = "data/shards"
     format: Literal["auto", "webdataset", "parquet"] = "auto"
 
 
-class OutputConfig(_Strict):
+class OutputConfig(Strict):
     path: str = "data/corpus"
     store_images: bool = True
     row_group_size: int = Field(
@@ -40,7 +44,7 @@ class OutputConfig(_Strict):
     journal: bool = True
 
 
-class ImageConfig(_Strict):
+class ImageConfig(Strict):
     max_side: int = Field(512, ge=16, description="longest side of the prepared image, pixels")
     format: Literal["jpeg", "webp", "png"] = "jpeg"
     quality: int = Field(90, ge=1, le=100)
@@ -51,7 +55,7 @@ class ImageConfig(_Strict):
     detail: Literal["low", "high", "auto"] = "high"
 
 
-class EndpointConfig(_Strict):
+class EndpointConfig(Strict):
     """One deployment of an endpoint pool, with its own credentials and quota."""
 
     name: str
@@ -64,12 +68,12 @@ class EndpointConfig(_Strict):
     tpm: int | None = Field(None, ge=1)
 
 
-class PriceConfig(_Strict):
+class PriceConfig(Strict):
     input_per_mtok: float = Field(ge=0)
     output_per_mtok: float = Field(ge=0)
 
 
-class CaptionerConfig(_Strict):
+class CaptionerConfig(Strict):
     backend: Literal["analyzer", "openai"] = "analyzer"
     model: str | None = None  # None: the backend's default
     base_url: str | None = None  # None: $OPENAI_BASE_URL, else api.openai.com
@@ -93,7 +97,7 @@ class CaptionerConfig(_Strict):
     price: PriceConfig | None = None  # None: the list price of `model` (pricing.PRICES)
 
 
-class ValidationConfig(_Strict):
+class ValidationConfig(Strict):
     min_words: int = 40
     max_words: int = 250
     short_max_words: int = 50
@@ -101,20 +105,20 @@ class ValidationConfig(_Strict):
     max_repeated_ngram_share: float = Field(0.35, gt=0, le=1)
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(Strict):
     # per endpoint, for the whole run; None: learnt from the x-ratelimit-limit-* headers
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
     concurrency: int = Field(8, ge=1, description="requests in flight per worker")
 
 
-class RayConfig(_Strict):
+class RayConfig(Strict):
     address: str | None = None  # None: start a local Ray; "auto" or host:port joins a cluster
     workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(Strict):
     name: str = "default"
     input: InputConfig = InputConfig()
     output: OutputConfig = OutputConfig()
@@ -174,10 +178,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineC
             ) from None
         if not isinstance(tree, dict):
             raise ConfigError(f"pipeline file {path} must hold a mapping of sections")
+    return with_overrides(PipelineConfig, tree, overrides)
+
+
+def with_overrides(model: type[M], tree: dict[str, Any], overrides: list[str]) -> M:
+    """Validate `tree` as `model` after applying `--set key.path=value` overrides."""
     for assignment in overrides:
         _apply_override(tree, assignment)
     try:
-        return PipelineConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_first_error(exc)) from None
 

@@ -117,10 +117,13 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_samples(out: Path, shards: int = 2, per_shard: int = 64, seed: int = 0) -> list[Path]:
-    """Write `shards` shards of `per_shard` URLs each (a few of them failed downloads)."""
+def write_samples(
+    out: Path, shards: int = 2, per_shard: int = 64, seed: int = 0, photo_share: float = 0.5
+) -> list[Path]:
+    """Write `shards` shards of `per_shard` URLs each (a few of them failed downloads); a
+    `photo_share` of the images are photographs, the rest procedural scenes."""
     out.mkdir(parents=True, exist_ok=True)
-    photos = _load_photos()
+    photos = _load_photos() if photo_share > 0 else {}
     names = sorted(photos)
     rng = random.Random(seed)
     written = []
@@ -143,7 +146,7 @@ def write_samples(out: Path, shards: int = 2, per_shard: int = 64, seed: int = 0
                         }
                     )
                     continue
-                if rng.random() < 0.5:
+                if rng.random() < photo_share:
                     name = rng.choice(names)
                     image, caption = _photo_variant(photos[name], rng), rng.choice(PHOTOS[name])
                 else:

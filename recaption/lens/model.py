@@ -1,0 +1,147 @@
+"""A small MMDiT, as in SD3 and Lens: text and image tokens in one joint attention.
+
+Each stream (text, image) has its own weights (norms, QKV, output projection, MLP) and its
+own adaLN-Zero modulation from the conditioning vector (timestep + pooled text); only the
+attention is shared, over the concatenated sequence. Image tokens are patches with fixed 2-D
+sine-cosine positions; the final layer predicts the velocity of each patch.
+
+The model works on whatever `x` is: pixels here. A latent autoencoder would sit outside it,
+turning images into `x` and back (`channels` is the seam).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recaption.lens.config import ModelConfig
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1] (scaled by 1000, as in DiT)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = 1000 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def position_embedding_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed sine-cosine positions for a grid x grid of patches: [grid*grid, dim]."""
+    quarter = dim // 4
+    omega = 1.0 / 10_000 ** (torch.arange(quarter) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def axis(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.flatten().float()[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    return torch.cat([axis(ys), axis(xs)], dim=1)
+
+
+class Stream(nn.Module):
+    """One stream's half of a joint block: its own modulation, QKV, projection and MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.q_norm = nn.RMSNorm(width // heads, eps=1e-6)  # QK-norm keeps attention stable
+        self.k_norm = nn.RMSNorm(width // heads, eps=1e-6)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width)
+        )
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        nn.init.zeros_(self.adaln[1].weight)  # adaLN-Zero: every block starts as identity
+        nn.init.zeros_(self.adaln[1].bias)
+
+    def attend_inputs(self, x: torch.Tensor, c: torch.Tensor) -> tuple[tuple, tuple]:
+        """(q, k, v) per head, and the modulation that `finish` uses."""
+        mod = self.adaln(c).chunk(6, dim=-1)
+        b, n, w = x.shape
+        qkv = self.qkv(modulate(self.norm1(x), mod[0], mod[1]))
+        q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        return (self.q_norm(q), self.k_norm(k), v), mod
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor, mod: tuple) -> torch.Tensor:
+        _, _, gate1, shift2, scale2, gate2 = mod
+        x = x + gate1.unsqueeze(1) * self.proj(attended)
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class JointBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.text = Stream(width, heads, mlp_ratio)
+        self.image = Stream(width, heads, mlp_ratio)
+
+    def forward(
+        self, txt: torch.Tensor, img: torch.Tensor, c: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t_qkv, t_mod = self.text.attend_inputs(txt, c)
+        i_qkv, i_mod = self.image.attend_inputs(img, c)
+        q, k, v = (torch.cat(pair, dim=2) for pair in zip(t_qkv, i_qkv, strict=True))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).flatten(2)
+        n = txt.shape[1]
+        return self.text.finish(txt, out[:, :n], t_mod), self.image.finish(img, out[:, n:], i_mod)
+
+
+class MMDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig, text_dim: int, channels: int = 3):
+        super().__init__()
+        self.cfg = cfg
+        self.channels = channels
+        w, p = cfg.width, cfg.patch
+        self.grid = cfg.image_size // p
+        self.patch_in = nn.Linear(channels * p * p, w)
+        self.register_buffer("pos", position_embedding_2d(self.grid, w)[None], persistent=False)
+        self.text_in = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, w))
+        self.time_mlp = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
+        self.pooled_mlp = nn.Sequential(nn.Linear(text_dim, w), nn.SiLU(), nn.Linear(w, w))
+        self.blocks = nn.ModuleList(
+            JointBlock(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)
+        )
+        self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(w, 2 * w))
+        self.patch_out = nn.Linear(w, channels * p * p)
+        for layer in (self.final_adaln[1], self.patch_out):  # the model starts predicting 0
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """x: [B, C, H, W]; t: [B] in [0, 1]; text: [B, T, D]; mask: [B, T] real tokens.
+        Returns the predicted velocity, shaped like x."""
+        b = x.shape[0]
+        img = self.patch_in(self.patchify(x)) + self.pos
+        txt = self.text_in(text)
+        m = mask.to(text.dtype).unsqueeze(-1)
+        pooled = (text * m).sum(1) / m.sum(1).clamp(min=1)
+        c = self.time_mlp(timestep_embedding(t, 256).to(x.dtype)) + self.pooled_mlp(pooled)
+        # keys that may be attended to: real text tokens and every image token
+        keep = torch.cat([mask, mask.new_ones(b, img.shape[1])], dim=1)[:, None, None, :]
+        for block in self.blocks:
+            txt, img = block(txt, img, c, keep)
+        shift, scale = self.final_adaln(c).chunk(2, dim=-1)
+        return self.unpatchify(self.patch_out(modulate(self.final_norm(img), shift, scale)))
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, _, _ = x.shape
+        p, g = self.cfg.patch, self.grid
+        return x.view(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        b = tokens.shape[0]
+        p, g, c = self.cfg.patch, self.grid, self.channels
+        return tokens.view(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, g * p, g * p)
