@@ -45,6 +45,36 @@ def cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scenes(args: argparse.Namespace) -> int:
+    from recaption.samples import write_scenes
+
+    if args.n < 1 or args.per_shard < 1:
+        raise ConfigError("--n and --per-shard must be at least 1")
+    paths = write_scenes(Path(args.dir), args.n, per_shard=args.per_shard, seed=args.seed)
+    print(
+        f"recaption: wrote {args.n} scenes in {len(paths)} shards to {args.dir} "
+        f"(ground truth: {Path(args.dir) / 'truth.jsonl'})"
+    )
+    return 0
+
+
+def cmd_eval_captions(args: argparse.Namespace) -> int:
+    import json
+
+    from recaption.fidelity import evaluate, table
+
+    try:
+        result = evaluate(Path(args.corpus), Path(args.truth))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    print(table(result))
+    print(f"recaption eval: {result['captioned']} captioned scenes of {result['scenes']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"recaption eval: wrote {args.json}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from recaption.report import write_report
 
@@ -114,9 +144,14 @@ def cmd_lens_sample(args: argparse.Namespace) -> int:
 
     prompts = list(args.prompt)
     if args.prompts:
-        prompts += [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
+        try:
+            prompts += [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
+        except OSError as exc:
+            raise ConfigError(f"cannot read --prompts {args.prompts}: {exc.strerror}") from None
     if not prompts:
         raise ConfigError("give at least one --prompt (or --prompts FILE)")
+    if args.n < 1 or args.steps < 1:
+        raise ConfigError("--n and --steps must be at least 1")
     written = sample_to_files(
         args.run,
         prompts,
@@ -163,6 +198,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--photo-share", type=float, default=0.5, help="photographs; the rest are shape scenes"
     )
     p.set_defaults(func=cmd_samples)
+
+    p = sub.add_parser(
+        "scenes", help="write procedural shape scenes with ground truth as web shards"
+    )
+    p.add_argument("dir")
+    p.add_argument("--n", type=int, default=20000, help="scenes")
+    p.add_argument("--per-shard", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_scenes)
+
+    evals = sub.add_parser("eval", help="measure caption fidelity").add_subparsers(
+        dest="eval_command", required=True
+    )
+    p = evals.add_parser(
+        "captions", help="precision and recall of what captions and alt text state, per attribute"
+    )
+    p.add_argument("--corpus", required=True, help="a corpus made from `recaption scenes` shards")
+    p.add_argument("--truth", required=True, help="the scenes folder (its truth.jsonl)")
+    p.add_argument("--json", help="write the result to this file")
+    p.set_defaults(func=cmd_eval_captions)
 
     p = sub.add_parser(
         "report", help="write CORPUS/report/index.html: images, alt text and new captions"

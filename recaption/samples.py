@@ -14,6 +14,8 @@ import json
 import random
 import tarfile
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from recaption.scenes import alt_text, random_scene, render
+from recaption.scenes import SCENES, SceneStyle, alt_text, random_scene, render
 
 # scikit-image sample -> alt texts a web page might carry for it (some wrong on purpose)
 PHOTOS: dict[str, list[str]] = {
@@ -117,6 +119,76 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+@dataclass
+class WebImage:
+    """One URL of a shard, as img2dataset would have fetched it."""
+
+    url: str
+    caption: str | None  # the alt text
+    image: Image.Image | None = None  # None: a failed download
+    error: str | None = None
+    quality: int = 90
+    extra: dict = field(default_factory=dict)  # more fields for <key>.json (a scene's truth)
+
+
+def write_shard(out: Path, shard: int, items: list[WebImage]) -> Path:
+    """NNNNN.tar, NNNNN.parquet and NNNNN_stats.json in img2dataset's layout; keys are
+    NNNNN + the item's index."""
+    started = time.time()
+    rows = []
+    tar_path = out / f"{shard:05d}.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i, item in enumerate(items):
+            key = f"{shard:05d}{i:04d}"
+            if item.image is None:  # img2dataset keeps failed downloads in the parquet only
+                rows.append(
+                    {
+                        "key": key,
+                        "url": item.url,
+                        "caption": item.caption,
+                        "status": "failed_to_download",
+                        "error_message": item.error,
+                    }
+                )
+                continue
+            buf = io.BytesIO()
+            item.image.save(buf, "JPEG", quality=item.quality)
+            data = buf.getvalue()
+            row = {
+                "key": key,
+                "url": item.url,
+                "caption": item.caption,
+                "status": "success",
+                "error_message": None,
+                "width": item.image.width,
+                "height": item.image.height,
+                "original_width": item.image.width,
+                "original_height": item.image.height,
+                "exif": "{}",
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+            rows.append(row)
+            add_member(tar, f"{key}.jpg", data)
+            if item.caption is not None:
+                add_member(tar, f"{key}.txt", item.caption.encode())
+            add_member(tar, f"{key}.json", json.dumps(row | item.extra).encode())
+    pq.write_table(pa.Table.from_pylist(rows, schema=_PARQUET_SCHEMA), out / f"{shard:05d}.parquet")
+    successes = sum(r["status"] == "success" for r in rows)
+    errors = Counter(r["error_message"] for r in rows if r["status"] != "success")
+    stats = {
+        "count": len(rows),
+        "successes": successes,
+        "failed_to_download": len(rows) - successes,
+        "failed_to_resize": 0,
+        "duration": round(time.time() - started, 3),
+        "start_time": started,
+        "end_time": time.time(),
+        "status_dict": {"success": successes, **errors},
+    }
+    (out / f"{shard:05d}_stats.json").write_text(json.dumps(stats, indent=2))
+    return tar_path
+
+
 def write_samples(
     out: Path, shards: int = 2, per_shard: int = 64, seed: int = 0, photo_share: float = 0.5
 ) -> list[Path]:
@@ -128,72 +200,41 @@ def write_samples(
     rng = random.Random(seed)
     written = []
     for shard in range(shards):
-        started = time.time()
-        rows = []
-        tar_path = out / f"{shard:05d}.tar"
-        with tarfile.open(tar_path, "w") as tar:
-            for i in range(per_shard):
-                key = f"{shard:05d}{i:04d}"
-                url = f"https://images.example.com/{rng.getrandbits(40):010x}.jpg"
-                if i % 16 == 7:  # img2dataset keeps failed downloads in the parquet only
-                    rows.append(
-                        {
-                            "key": key,
-                            "url": url,
-                            "caption": rng.choice(["photo", "image", None]),
-                            "status": "failed_to_download",
-                            "error_message": rng.choice(_FAILURES),
-                        }
-                    )
-                    continue
-                if rng.random() < photo_share:
-                    name = rng.choice(names)
-                    image, caption = _photo_variant(photos[name], rng), rng.choice(PHOTOS[name])
-                else:
-                    scene = random_scene(rng)
-                    image, caption = render(scene), alt_text(scene, rng)
-                buf = io.BytesIO()
-                image.save(buf, "JPEG", quality=rng.randint(75, 95))
-                data = buf.getvalue()
-                row = {
-                    "key": key,
-                    "url": url,
-                    "caption": caption,
-                    "status": "success",
-                    "error_message": None,
-                    "width": image.width,
-                    "height": image.height,
-                    "original_width": image.width,
-                    "original_height": image.height,
-                    "exif": "{}",
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-                rows.append(row)
-                add_member(tar, f"{key}.jpg", data)
-                if caption is not None:
-                    add_member(tar, f"{key}.txt", caption.encode())
-                add_member(tar, f"{key}.json", json.dumps(row).encode())
-        pq.write_table(
-            pa.Table.from_pylist(rows, schema=_PARQUET_SCHEMA), out / f"{shard:05d}.parquet"
-        )
-        successes = sum(r["status"] == "success" for r in rows)
-        stats = {
-            "count": len(rows),
-            "successes": successes,
-            "failed_to_download": len(rows) - successes,
-            "failed_to_resize": 0,
-            "duration": round(time.time() - started, 3),
-            "start_time": started,
-            "end_time": time.time(),
-            "status_dict": {
-                "success": successes,
-                **{
-                    msg: sum(r.get("error_message") == msg for r in rows)
-                    for msg in _FAILURES
-                    if any(r.get("error_message") == msg for r in rows)
-                },
-            },
-        }
-        (out / f"{shard:05d}_stats.json").write_text(json.dumps(stats, indent=2))
-        written.append(tar_path)
+        items = []
+        for i in range(per_shard):
+            url = f"https://images.example.com/{rng.getrandbits(40):010x}.jpg"
+            if i % 16 == 7:
+                caption = rng.choice(["photo", "image", None])
+                items.append(WebImage(url, caption, error=rng.choice(_FAILURES)))
+                continue
+            if rng.random() < photo_share:
+                name = rng.choice(names)
+                image, caption = _photo_variant(photos[name], rng), rng.choice(PHOTOS[name])
+            else:
+                scene = random_scene(rng)
+                image, caption = render(scene), alt_text(scene, rng)
+            items.append(WebImage(url, caption, image, quality=rng.randint(75, 95)))
+        written.append(write_shard(out, shard, items))
+    return written
+
+
+def write_scenes(
+    out: Path, n: int, per_shard: int = 1000, seed: int = 0, style: SceneStyle = SCENES
+) -> list[Path]:
+    """`n` procedural scenes as web shards, each `<key>.json` carrying its ground truth
+    under "scene", and `truth.jsonl` beside them: {"key", "alt_text", **truth} a line."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    written = []
+    with open(out / "truth.jsonl", "w") as truth:
+        for shard in range(-(-n // per_shard)):
+            items = []
+            for i in range(min(per_shard, n - shard * per_shard)):
+                scene = random_scene(rng, style)
+                url = f"https://scenes.example.com/{rng.getrandbits(40):010x}.jpg"
+                alt = alt_text(scene, rng)
+                items.append(WebImage(url, alt, render(scene), extra={"scene": scene.truth()}))
+                record = {"key": f"{shard:05d}{i:04d}", "alt_text": alt, **scene.truth()}
+                truth.write(json.dumps(record) + "\n")
+            written.append(write_shard(out, shard, items))
     return written

@@ -17,6 +17,12 @@ from recaption.colors import PALETTE, SCENE_COLORS
 
 KINDS = ("circle", "square", "triangle", "star")
 GRID = {(r, c) for r in range(3) for c in range(3)}
+# 3x3 cell -> its name in the ground truth (row, then column; the middle ones alone)
+CELLS = {
+    (r, c): " ".join(w for w in (rn, cn) if w) or "center"
+    for r, rn in enumerate(("top", "", "bottom"))
+    for c, cn in enumerate(("left", "", "right"))
+}
 
 
 @dataclass
@@ -27,6 +33,10 @@ class Shape:
     cy: float
     size: float  # radius, 0..1 of the shorter side
 
+    @property
+    def cell(self) -> str:
+        return CELLS[(min(2, int(self.cy * 3)), min(2, int(self.cx * 3)))]
+
 
 @dataclass
 class Scene:
@@ -34,38 +44,92 @@ class Scene:
     height: int
     background: str
     shapes: list[Shape]
+    texture: str = "plain"  # plain | stripes | checks (in a near shade of the background)
 
     def truth(self) -> dict:
-        return asdict(self)
+        """The ground truth: what is in the image, with each shape's cell on the 3x3 grid."""
+        truth = asdict(self)
+        for shape, d in zip(self.shapes, truth["shapes"], strict=True):
+            d["cell"] = shape.cell
+        truth["count"] = len(self.shapes)
+        return truth
 
 
-def random_scene(rng: random.Random, max_shapes: int = 3) -> Scene:
-    width, height = rng.choice([(512, 512), (512, 384), (384, 512), (640, 480)])
+@dataclass(frozen=True)
+class SceneStyle:
+    """A scene distribution: frame sizes, shape count and size, backgrounds, held-out pairs."""
+
+    frames: tuple[tuple[int, int], ...] = ((512, 512), (512, 384), (384, 512), (640, 480))
+    max_shapes: int = 3
+    sizes: tuple[float, float] = (0.08, 0.14)  # radius, 0..1 of the shorter side
+    textured: float = 0.0  # share of backgrounds with stripes or checks in a near shade
+    held_out: frozenset[tuple[str, str]] = frozenset()  # (colour, kind) pairs never drawn
+
+
+# (colour, kind) pairs that `recaption scenes` never draws: the prompt-following evaluation
+# asks for them, so a trained model must compose a colour and a kind it saw only apart
+HELD_OUT = frozenset(
+    {
+        ("red", "triangle"),
+        ("blue", "circle"),
+        ("green", "star"),
+        ("yellow", "square"),
+        ("purple", "circle"),
+        ("orange", "square"),
+    }
+)
+SAMPLES = SceneStyle()  # the scenes among `recaption samples`' web images
+# `recaption scenes`: square frames and shapes large enough to learn at 32x32 pixels
+SCENES = SceneStyle(frames=((256, 256),), sizes=(0.10, 0.16), textured=0.2, held_out=HELD_OUT)
+
+
+def random_scene(rng: random.Random, style: SceneStyle = SAMPLES) -> Scene:
+    width, height = rng.choice(style.frames)
     background = rng.choice(["white", "white", "black", "gray", *SCENE_COLORS])
     colors = [
         c for c in SCENE_COLORS if c != background and not {c, background} <= {"gray", "white"}
     ]
-    cells = rng.sample(sorted(GRID), rng.randint(1, max_shapes))
+    cells = rng.sample(sorted(GRID), rng.randint(1, style.max_shapes))
     shapes = []
     for row, col in cells:
-        size = rng.uniform(0.08, 0.14)
-        jitter = 0.333 / 2 - size - 0.01
+        size = rng.uniform(*style.sizes)
+        jitter = max(0.0, 0.333 / 2 - size - 0.01)
+        kind, color = rng.choice(KINDS), rng.choice(colors)
+        while (color, kind) in style.held_out:
+            kind, color = rng.choice(KINDS), rng.choice(colors)
         shapes.append(
             Shape(
-                kind=rng.choice(KINDS),
-                color=rng.choice(colors),
+                kind=kind,
+                color=color,
                 cx=(col + 0.5) / 3 + rng.uniform(-jitter, jitter) * 0.5,
                 cy=(row + 0.5) / 3 + rng.uniform(-jitter, jitter) * 0.5,
                 size=size,
             )
         )
-    return Scene(width, height, background, shapes)
+    texture = "plain"
+    if style.textured and rng.random() < style.textured:
+        texture = rng.choice(["stripes", "checks"])
+    return Scene(width, height, background, shapes, texture)
+
+
+def _shade(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A near shade of a colour: the texture must not change the colour's name."""
+    step = -16 if sum(rgb) > 384 else 16
+    return tuple(max(0, min(255, v + step)) for v in rgb)
 
 
 def render(scene: Scene) -> Image.Image:
     im = Image.new("RGB", (scene.width, scene.height), PALETTE[scene.background])
     draw = ImageDraw.Draw(im)
     unit = min(scene.width, scene.height)
+    band, shade = max(4, unit // 16), _shade(PALETTE[scene.background])
+    if scene.texture == "stripes":
+        for y in range(0, scene.height, 2 * band):
+            draw.rectangle([0, y, scene.width, y + band - 1], fill=shade)
+    elif scene.texture == "checks":
+        for y in range(0, scene.height, band):
+            for x in range((y // band) % 2 * band, scene.width, 2 * band):
+                draw.rectangle([x, y, x + band - 1, y + band - 1], fill=shade)
     for s in scene.shapes:
         x, y, r = s.cx * scene.width, s.cy * scene.height, s.size * unit
         fill = PALETTE[s.color]

@@ -65,6 +65,7 @@ class Analysis:
     chroma: float  # mean chroma
     warmth: float  # mean b* + 0.5 a*: > 0 warm, < 0 cool
     flat_share: float  # share of pixels with almost no local gradient
+    label_flat: float  # share of pixels named the same colour as their right and lower neighbours
     detail: np.ndarray  # 3x3 mean gradient
     top_bottom: float  # mean L* of the top third minus the bottom third
     tones: tuple[str, str]  # the commonest colour among the darkest and the brightest 5% of pixels
@@ -77,8 +78,15 @@ class Analysis:
         return [r for r in self.regions if r.kind]
 
     @property
+    def patterned(self) -> bool:
+        """A flat graphic whose background carries a pattern in a near shade."""
+        return self.style == "flat graphic" and self.flat_share < 0.93
+
+    @property
     def style(self) -> str:
-        if self.background and self.flat_share > 0.8:
+        # Flat regions of named colour; a background pattern in a near shade (stripes, checks)
+        # keeps its colour name, so it does not make a graphic a photograph.
+        if self.background and self.label_flat > 0.8 and self.flat_share > 0.6:
             return "flat graphic"
         if self.chroma < 4.0:
             return "black-and-white photograph"
@@ -204,6 +212,11 @@ class Analyzer:
             chroma=float(np.hypot(lab[..., 1], lab[..., 2]).mean()),
             warmth=float(lab[..., 2].mean() + 0.5 * lab[..., 1].mean()),
             flat_share=float((grad < 8.0).mean()),
+            label_flat=float(
+                (
+                    (labels[:-1, 1:] == labels[:-1, :-1]) & (labels[1:, :-1] == labels[:-1, :-1])
+                ).mean()
+            ),
             detail=_grid_means(grad),
             top_bottom=float(lum[:third_h].mean() - lum[-third_h:].mean()),
             tones=_tones(lum, labels),
@@ -453,9 +466,10 @@ def describe(a: Analysis, seed: str = "") -> Caption:
     style = a.style
     if style == "flat graphic" and shapes:
         kinds = _join([_article(f"{s.color} {s.kind}") for s in shapes])
+        ground = f"{'patterned' if a.patterned else 'plain'} {a.background} background"
         opening = (
-            f"A flat digital graphic showing {_count(len(shapes), 'shape')} on a plain {a.background} background.",
-            f"A simple flat illustration of {_count(len(shapes), 'geometric shape')} against a plain {a.background} background.",
+            f"A flat digital graphic showing {_count(len(shapes), 'shape')} on a {ground}.",
+            f"A simple flat illustration of {_count(len(shapes), 'geometric shape')} against a {ground}.",
         )[variant % 2]
         sentences = [opening, f"There is {_join([_region_phrase(s) for s in shapes])}."]
         relations = [r for r in (_relation(x, y) for x, y in itertools.pairwise(shapes)) if r]
@@ -490,7 +504,11 @@ def describe(a: Analysis, seed: str = "") -> Caption:
 
     sentences += _faces_and_text(a)
     sentences += [_palette(a), _light(a), _layout(a)]
-    if style == "flat graphic":
+    if a.patterned:
+        sentences.append(
+            f"The background is patterned in a slightly different shade of {a.background}."
+        )
+    elif style == "flat graphic":
         sentences.append("The colours are flat and even, without texture, shading or gradients.")
     if len(" ".join(sentences).split()) < 60 and a.tones[0] != a.tones[1]:
         sentences.append(
