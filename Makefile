@@ -7,7 +7,7 @@ SHARDS := data/shards
 CORPUS := data/corpus
 TRAIN_STEPS ?= 600
 
-.PHONY: setup recaption train test lint format schemas bench bench-openai bench-lens clean
+.PHONY: setup recaption train ablation test lint format schemas bench bench-openai bench-lens clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ recaption: setup
 train: setup
 	test -f $(CORPUS)/manifest.json || $(MAKE) recaption
 	$(BIN)/recaption lens train --corpus $(CORPUS) --config tiny --steps $(TRAIN_STEPS) --out runs/lens-tiny
+
+# Dense captions vs alt text, offline on a CPU: scenes, analyzer captions, four training arms,
+# evaluation -> runs/ablation/report.md (stages already done are skipped)
+ablation: setup
+	$(BIN)/python -m recaption.lens.ablation --out runs/ablation
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from recaption.config import load_config
 from recaption.lens.config import load_lens_config
 from recaption.lens.sample import sample_to_files
 from recaption.lens.train import train
+from recaption.pipeline import run
 from recaption.samples import write_samples
 
 _SCENE = "A flat digital graphic showing {n} on a plain {bg} background. There is {what}."
@@ -64,22 +64,8 @@ def main() -> None:
             photo_share=0.0,
         )
         t1 = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "recaption.cli",
-                "run",
-                "--quiet",
-                "--pipeline",
-                "pipelines/default.yaml",
-                "--input",
-                str(shards),
-                "--output",
-                str(corpus),
-            ],
-            check=True,
-        )
+        overrides = [f"input.path={shards}", f"output.path={corpus}"]
+        run(load_config("pipelines/default.yaml", overrides), show_progress=False)
         print(f"scenes: {t1 - t0:.0f} s to draw, {time.perf_counter() - t1:.0f} s to caption")
 
     cfg = load_lens_config("tiny", ["steps=1000000", "sample.every=0"])

@@ -167,6 +167,40 @@ def cmd_lens_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lens_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from recaption.lens.eval import detector_accuracy, evaluate_run, table
+    from recaption.lens.prompts import geneval_prompts, read_prompts
+
+    try:
+        prompts = read_prompts(Path(args.prompts)) if args.prompts else geneval_prompts()
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot read --prompts {args.prompts}: {exc}") from None
+    if args.n < 1 or args.steps < 1:
+        raise ConfigError("--n and --steps must be at least 1")
+    styles = tuple(args.styles.split(","))
+    if bad := [s for s in styles if s not in ("short", "dense")]:
+        raise ConfigError(f"unknown prompt style {bad[0]!r}: short or dense")
+    result = evaluate_run(
+        args.run, prompts, args.n, args.cfg, args.steps, styles, args.device, args.cache_dir
+    )
+    size = json.loads((Path(args.run) / "config.json").read_text())["config"]["model"]
+    result["detector"] = detector_accuracy(prompts, size["image_size"])
+    for style in styles:
+        print(f"prompts in the {style} style ({args.n} images each):")
+        print(table({Path(args.run).name: result}, style))
+    d = result["detector"]
+    print(
+        f"recaption lens: detector reads {d['scenes_exact']:.1%} of {d['scenes']} real scenes "
+        f"exactly; {d['prompts_pass']:.0%} of the prompts pass on the scenes they describe"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"recaption lens: wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recaption", description="Recaption web image shards into a dense-caption corpus."
@@ -268,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples")
     p.add_argument("--cache-dir", type=Path, help="text feature cache (~/.cache/recaption/text)")
     p.set_defaults(func=cmd_lens_sample)
+
+    p = lens.add_parser("eval", help="GenEval-style prompt following, scored by a shape detector")
+    p.add_argument("--run", required=True)
+    p.add_argument("--prompts", help="prompts JSONL (default: the built-in held-out set)")
+    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--steps", type=int, default=20, help="Euler steps")
+    p.add_argument("--styles", default="short,dense", help="prompt styles: short, dense")
+    p.add_argument("--json", help="write the result to this file")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", type=Path, help="text feature cache (~/.cache/recaption/text)")
+    p.set_defaults(func=cmd_lens_eval)
     return parser
 
 

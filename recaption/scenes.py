@@ -80,7 +80,7 @@ HELD_OUT = frozenset(
 )
 SAMPLES = SceneStyle()  # the scenes among `recaption samples`' web images
 # `recaption scenes`: square frames and shapes large enough to learn at 32x32 pixels
-SCENES = SceneStyle(frames=((256, 256),), sizes=(0.10, 0.16), textured=0.2, held_out=HELD_OUT)
+SCENES = SceneStyle(frames=((256, 256),), sizes=(0.13, 0.16), textured=0.2, held_out=HELD_OUT)
 
 
 def random_scene(rng: random.Random, style: SceneStyle = SAMPLES) -> Scene:

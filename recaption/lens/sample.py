@@ -35,23 +35,25 @@ def generate(
     cfg_scale: float,
     steps: int,
     seed: int = 0,
+    batch: int = 128,
 ) -> np.ndarray:
     """uint8 [len(prompts) * per_prompt, H, W, 3], prompt-major; the same seed gives the
-    same starting noise for every prompt, so a grid compares prompts on equal footing."""
+    same starting noise for every prompt, so a grid compares prompts on equal footing.
+    Prompts are sampled together, `batch` images at a time."""
     device = next(model.parameters()).device
     size = model.cfg.image_size
     noise = torch.randn(
         (per_prompt, model.channels, size, size), generator=torch.Generator().manual_seed(seed)
-    ).to(device)
+    ).repeat(len(prompts), 1, 1, 1)
+    texts = [p for p in prompts for _ in range(per_prompt)]
     empty = encoder([""])
     was_training = model.training
     model.eval()
     out = []
-    for prompt in prompts:
-        text = encoder([prompt] * per_prompt)
+    for start in range(0, len(texts), batch):
+        text = encoder(texts[start : start + batch])
         velocity = guided(model, text.tokens, text.mask, empty.tokens, empty.mask, cfg_scale)
-        x = euler_sample(velocity, noise, steps)
-        out.append(to_uint8(x))
+        out.append(to_uint8(euler_sample(velocity, noise[start : start + batch].to(device), steps)))
     model.train(was_training)
     return np.concatenate(out)
 

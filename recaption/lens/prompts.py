@@ -1,0 +1,129 @@
+"""Held-out prompts for `recaption lens eval`, GenEval's six categories on the scene world.
+
+Every prompt carries what an image must show to pass, and comes in two styles: GenEval's
+short style ("a photo of a red triangle") and the same prompt rewritten by a fixed template
+into the analyzer's dense-caption style, as DALL-E 3 and Lens upsample prompts at inference.
+Colours go with kinds only in pairs that `recaption scenes` never draws (`HELD_OUT`), so a
+model passes them only by composing a colour and a kind it saw apart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from recaption.scenes import HELD_OUT, KINDS
+
+_FILL_COLORS = ("red", "blue", "green", "orange", "purple", "yellow")
+CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+# where the dense template puts n objects whose place the prompt does not say
+_LAYOUT = {1: ["center"], 2: ["left", "right"], 3: ["left", "center", "right"]}
+_PLACE = {
+    "top left": "in the top left",
+    "top": "at the top",
+    "top right": "in the top right",
+    "left": "on the left",
+    "center": "in the center",
+    "right": "on the right",
+    "bottom left": "in the bottom left",
+    "bottom": "at the bottom",
+    "bottom right": "in the bottom right",
+}
+
+
+@dataclass(frozen=True)
+class Want:
+    kind: str
+    color: str | None = None
+    cell: str | None = None
+
+
+@dataclass
+class Prompt:
+    category: str
+    short: str
+    dense: str
+    wants: list[Want]
+    exact_count: int | None = None  # counting: exactly this many of the kind
+    tags: dict = field(default_factory=dict)
+
+    def text(self, style: str) -> str:
+        return self.dense if style == "dense" else self.short
+
+
+def _a(phrase: str) -> str:
+    return f"an {phrase}" if phrase[0] in "aeiou" else f"a {phrase}"
+
+
+def layout(wants: list[Want]) -> list[tuple[str, str, str]]:
+    """(colour, kind, cell) of each wanted object in the scene the dense wording describes.
+    Like an upsampler, it fills in what a short prompt leaves open: a place, and a colour
+    that training showed with the kind. The evaluation still checks only what was asked."""
+    free = iter(_FILL_COLORS)
+    return [
+        (
+            want.color or next(c for c in free if (c, want.kind) not in HELD_OUT),
+            want.kind,
+            want.cell or cell,
+        )
+        for want, cell in zip(wants, _LAYOUT[len(wants)], strict=True)
+    ]
+
+
+def dense(wants: list[Want]) -> str:
+    """The analyzer's dense-caption wording of a scene that shows `wants`."""
+    parts = [f"{_a(f'medium-sized {c} {k}')} {_PLACE[cell]}" for c, k, cell in layout(wants)]
+    there = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + f" and {parts[-1]}"
+    shapes = "shape" if len(wants) == 1 else "shapes"
+    return (
+        f"A flat digital graphic showing {NUMBERS[len(wants)]} {shapes} on a plain white "
+        f"background. There is {there}."
+    )
+
+
+def geneval_prompts() -> list[Prompt]:
+    pairs = sorted(HELD_OUT)
+    out = []
+    for kind in KINDS:
+        wants = [Want(kind)]
+        out.append(Prompt("single_object", f"a photo of {_a(kind)}", dense(wants), wants))
+    for k1, k2 in itertools.combinations(KINDS, 2):
+        wants = [Want(k1), Want(k2)]
+        short = f"a photo of {_a(k1)} and {_a(k2)}"
+        out.append(Prompt("two_object", short, dense(wants), wants))
+    for kind, n in itertools.product(KINDS, (2, 3)):
+        wants = [Want(kind)] * n
+        short = f"a photo of {NUMBERS[n]} {kind}s"
+        out.append(Prompt("counting", short, dense(wants), wants, exact_count=n))
+    for color, kind in pairs:
+        wants = [Want(kind, color)]
+        out.append(Prompt("colors", f"a photo of {_a(f'{color} {kind}')}", dense(wants), wants))
+    for (color, kind), cell in zip(
+        pairs, ("top left", "bottom right", "top", "right", "bottom left", "left"), strict=True
+    ):
+        wants = [Want(kind, color, cell)]
+        short = f"a photo of {_a(f'{color} {kind}')} {_PLACE[cell]}"
+        out.append(Prompt("position", short, dense(wants), wants))
+    for (c1, k1), (c2, k2) in zip(pairs, pairs[1:] + pairs[:1], strict=True):
+        wants = [Want(k1, c1), Want(k2, c2)]
+        short = f"a photo of {_a(f'{c1} {k1}')} and {_a(f'{c2} {k2}')}"
+        out.append(Prompt("color_attr", short, dense(wants), wants))
+    return out
+
+
+def write_prompts(path: Path, prompts: list[Prompt]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(asdict(p)) + "\n" for p in prompts))
+
+
+def read_prompts(path: Path) -> list[Prompt]:
+    prompts = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            record["wants"] = [Want(**w) for w in record["wants"]]
+            prompts.append(Prompt(**record))
+    return prompts
