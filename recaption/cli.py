@@ -172,6 +172,7 @@ def cmd_lens_eval(args: argparse.Namespace) -> int:
 
     from recaption.lens.eval import detector_accuracy, evaluate_run, table
     from recaption.lens.prompts import geneval_prompts, read_prompts
+    from recaption.lens.run import RunDir
 
     try:
         prompts = read_prompts(Path(args.prompts)) if args.prompts else geneval_prompts()
@@ -185,8 +186,8 @@ def cmd_lens_eval(args: argparse.Namespace) -> int:
     result = evaluate_run(
         args.run, prompts, args.n, args.cfg, args.steps, styles, args.device, args.cache_dir
     )
-    size = json.loads((Path(args.run) / "config.json").read_text())["config"]["model"]
-    result["detector"] = detector_accuracy(prompts, size["image_size"])
+    size = RunDir(args.run).read_config()["config"]["model"]["image_size"]
+    result["detector"] = detector_accuracy(prompts, size)
     for style in styles:
         print(f"prompts in the {style} style ({args.n} images each):")
         print(table({Path(args.run).name: result}, style))

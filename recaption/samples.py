@@ -226,15 +226,15 @@ def write_scenes(
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     written = []
-    with open(out / "truth.jsonl", "w") as truth:
+    with open(out / "truth.jsonl", "w") as truth_lines:
         for shard in range(-(-n // per_shard)):
             items = []
             for i in range(min(per_shard, n - shard * per_shard)):
                 scene = random_scene(rng, style)
                 url = f"https://scenes.example.com/{rng.getrandbits(40):010x}.jpg"
-                alt = alt_text(scene, rng)
-                items.append(WebImage(url, alt, render(scene), extra={"scene": scene.truth()}))
-                record = {"key": f"{shard:05d}{i:04d}", "alt_text": alt, **scene.truth()}
-                truth.write(json.dumps(record) + "\n")
+                alt, truth = alt_text(scene, rng), scene.truth()
+                items.append(WebImage(url, alt, render(scene), extra={"scene": truth}))
+                record = {"key": f"{shard:05d}{i:04d}", "alt_text": alt, **truth}
+                truth_lines.write(json.dumps(record) + "\n")
             written.append(write_shard(out, shard, items))
     return written

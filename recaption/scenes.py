@@ -25,6 +25,11 @@ CELLS = {
 }
 
 
+def cell_of(cx: float, cy: float) -> str:
+    """The 3x3 cell of a point given in 0..1 of the frame's width and height."""
+    return CELLS[(min(2, int(cy * 3)), min(2, int(cx * 3)))]
+
+
 @dataclass
 class Shape:
     kind: str
@@ -35,7 +40,7 @@ class Shape:
 
     @property
     def cell(self) -> str:
-        return CELLS[(min(2, int(self.cy * 3)), min(2, int(self.cx * 3)))]
+        return cell_of(self.cx, self.cy)
 
 
 @dataclass

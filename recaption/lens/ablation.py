@@ -202,9 +202,11 @@ def plot_losses(path: Path, arms: list[str], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from recaption.lens.run import RunDir
+
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for arm in arms:
-        rows = [json.loads(line) for line in (out / arm / "metrics.jsonl").read_text().splitlines()]
+        rows = RunDir(out / arm).read_metrics()
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=arm, lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss")

@@ -128,8 +128,7 @@ class CorpusStream:
                     continue
                 yield None
                 if emitted == skip:
-                    self._fetch(buffer, groups)
-                    rows = self._read_group(groups[gi])
+                    rows = self._fetch(buffer, groups, also=gi)
         rng.shuffle(buffer)
         if emitted < skip:
             self._fetch(buffer, groups)
@@ -137,16 +136,23 @@ class CorpusStream:
             emitted += 1
             yield taken if emitted > skip else None
 
-    def _fetch(self, buffer: list, groups: list[tuple[str, int, int]]) -> None:
-        """Replace (group, row) references in the buffer by the rows, one group at a time."""
-        refs: dict[int, list[int]] = {}
+    def _fetch(
+        self, buffer: list, groups: list[tuple[str, int, int]], also: int | None = None
+    ) -> list[_Row] | None:
+        """Replace (group, row) references in the buffer by the rows, one group at a time;
+        returns the rows of group `also` (the one being read on), read once with the rest."""
+        refs: dict[int, list[int]] = {} if also is None else {also: []}
         for k, entry in enumerate(buffer):
             if isinstance(entry, tuple):
                 refs.setdefault(entry[0], []).append(k)
+        current = None
         for gi, slots in refs.items():
             rows = self._read_group(groups[gi])
             for k in slots:
                 buffer[k] = rows[buffer[k][1]]
+            if gi == also:
+                current = rows
+        return current
 
     def _read_group(self, group: tuple[str, int, int]) -> list[_Row]:
         path, g, _ = group

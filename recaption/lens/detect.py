@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from recaption.colors import PALETTE, SCENE_COLORS, to_lab
-from recaption.scenes import CELLS
+from recaption.scenes import cell_of
 
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 _SQUARE = np.ones((3, 3), np.uint8)
@@ -103,6 +103,6 @@ def detect(rgb: np.ndarray, min_pixels: int = 6, max_blend: float = 8.0) -> Dete
             continue
         ys, xs = np.nonzero(mask)
         box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-        cell = CELLS[(min(2, int(cy / h * 3)), min(2, int(cx / w * 3)))]
+        cell = cell_of(cx / w, cy / h)
         shapes.append(Found(SCENE_COLORS[index], classify(box), cell, pixels))
     return Detection(SCENE_COLORS[background], sorted(shapes, key=lambda s: -s.pixels))

@@ -14,24 +14,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from recaption.scenes import HELD_OUT, KINDS
+from recaption.captioners.analyzer import position_phrase
+from recaption.scenes import CELLS, HELD_OUT, KINDS
 
 _FILL_COLORS = ("red", "blue", "green", "orange", "purple", "yellow")
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 # where the dense template puts n objects whose place the prompt does not say
 _LAYOUT = {1: ["center"], 2: ["left", "right"], 3: ["left", "center", "right"]}
-_PLACE = {
-    "top left": "in the top left",
-    "top": "at the top",
-    "top right": "in the top right",
-    "left": "on the left",
-    "center": "in the center",
-    "right": "on the right",
-    "bottom left": "in the bottom left",
-    "bottom": "at the bottom",
-    "bottom right": "in the bottom right",
-}
+# cell -> the analyzer's phrase for it ("in the top left"), so the template words it the same
+_PLACE = {cell: position_phrase((c + 0.5) / 3, (r + 0.5) / 3) for (r, c), cell in CELLS.items()}
 
 
 @dataclass(frozen=True)
