@@ -147,8 +147,7 @@ class OpenAIServer:
         self.started = time.monotonic()
         self.requests = _Bucket(rpm, burst_s) if rpm else None
         self.tokens = _Bucket(tpm, burst_s) if tpm else None
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
-        self.httpd.daemon_threads = True
+        self.httpd = _HTTPServer(("127.0.0.1", port), _handler(self))
         self.thread: threading.Thread | None = None
 
     @property
@@ -247,6 +246,11 @@ class OpenAIServer:
                     math.log(self.latency_ms / 1000), self.latency_sigma
                 )
             return kind, headers, delay
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the default backlog of 5 resets connections under a burst
 
 
 def _decode_image(url: str) -> Image.Image:

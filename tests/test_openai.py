@@ -93,8 +93,11 @@ def test_faults_on_ray_every_key_once_and_paid_calls_accounted(ray_cluster, tmp_
 
     manifest = json.loads((corpus / "manifest.json").read_text())
     totals = manifest["totals"]
-    # every request the server answered is a request the manifest counted
-    assert totals["requests"] == sum(kinds.values())
+    # every request the server saw is a request the manifest counted; a connection that failed
+    # before the server read the request (a reset under load) is counted by the client alone
+    seen, outcomes = sum(kinds.values()), totals["request_outcomes"]
+    unseen = outcomes.get("connection_error", 0) - kinds["drop"]
+    assert seen <= totals["requests"] <= seen + unseen
     assert totals["request_outcomes"]["rate_limited"] == kinds["rate_limit"]
     paid = sum(r["cost_usd"] for r in rows)
     assert totals["cost_usd"] >= paid  # rejected rows' paid attempts are in the total too
