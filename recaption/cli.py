@@ -86,6 +86,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batches(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from recaption.captioners.batch import batch_table
+
+    corpus = Path(args.corpus)
+    if not corpus.is_dir():
+        raise ConfigError(f"no corpus at {corpus}")
+    for line in asyncio.run(batch_table(corpus, cancel=args.cancel)):
+        print(line)
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from recaption.sources import InputError
     from recaption.verify import verify
@@ -260,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("corpus")
     p.add_argument("--limit", type=int, default=60, help="rows shown")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "batches", help="openai-batch: the corpus's batches, their status and cost so far"
+    )
+    p.add_argument("corpus")
+    p.add_argument("--cancel", action="store_true", help="cancel the live batches")
+    p.set_defaults(func=cmd_batches)
 
     p = sub.add_parser(
         "verify", help="check the corpus invariant: each input key once, in data/ or rejected/"

@@ -7,7 +7,7 @@ so a typo in a pipeline file or a `--set` fails loudly instead of being ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -73,8 +73,24 @@ class PriceConfig(Strict):
     output_per_mtok: float = Field(ge=0)
 
 
+class BatchConfig(Strict):
+    """openai-batch: how requests are grouped into batches and what happens to the misses."""
+
+    # the API's limits per batch file: 50,000 requests and 200 MB (kept under, with margin)
+    max_requests: int = Field(50_000, ge=1, le=50_000)
+    max_bytes: int = Field(190_000_000, ge=1_000, le=200_000_000)
+    completion_window: Literal["24h"] = "24h"
+    poll_s: float = Field(30.0, gt=0, description="first wait between status checks")
+    poll_max_s: float = Field(600.0, gt=0, description="the wait grows to this")
+    # false: submit what is due, collect what is done, and return; run again to go on
+    wait: bool = True
+    # where a request that failed, expired or went missing is tried again
+    retry: Literal["batch", "online"] = "batch"
+    shards_per_worker: int = Field(16, ge=1, description="shards a worker keeps in batches")
+
+
 class CaptionerConfig(Strict):
-    backend: Literal["analyzer", "openai"] = "analyzer"
+    backend: Literal["analyzer", "openai", "openai-batch"] = "analyzer"
     model: str | None = None  # None: the backend's default
     base_url: str | None = None  # None: $OPENAI_BASE_URL, else api.openai.com
     image: ImageConfig = ImageConfig()
@@ -95,6 +111,7 @@ class CaptionerConfig(Strict):
     max_attempts: int = Field(6, ge=1, description="HTTP attempts per image, retries included")
     refusal_retries: int = Field(2, ge=0)
     price: PriceConfig | None = None  # None: the list price of `model` (pricing.PRICES)
+    batch: BatchConfig = BatchConfig()  # openai-batch only
 
 
 class ValidationConfig(Strict):
@@ -128,6 +145,15 @@ class PipelineConfig(Strict):
     ray: RayConfig = RayConfig()
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML without dates: `api_version: 2024-10-21` stays the string Azure expects."""
+
+    yaml_implicit_resolvers: ClassVar[dict] = {
+        first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
 def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set expects key.path=value, got {assignment!r}")
@@ -143,7 +169,7 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
             raise ConfigError(f"--set {dotted}: {part!r} is not a section")
         node = child
     # YAML parsing gives `--set ray.workers=4` an int and `--set captioner.base_url=null` a None.
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     if isinstance(node, list):
         node[_index(node, parts[-1], dotted)] = value
     else:
@@ -171,7 +197,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineC
         if not path.is_file():
             raise ConfigError(f"pipeline file not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.load(path.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(
                 f"pipeline file {path} is not valid YAML: {exc}".replace("\n", " ")
@@ -194,8 +220,9 @@ def with_overrides(model: type[M], tree: dict[str, Any], overrides: list[str]) -
 _SECRET_WORDS = ("key", "secret", "token", "password")
 
 
-def redacted(config: PipelineConfig) -> dict[str, Any]:
-    """The config as written to the manifest: secret-looking values and URL credentials removed."""
+def redacted(config: BaseModel) -> dict[str, Any]:
+    """A config as written to disk (the manifest, batch state): secret-looking values and URL
+    credentials removed."""
 
     def clean(node: Any, name: str = "") -> Any:
         if isinstance(node, dict):

@@ -18,14 +18,21 @@ from pathlib import Path
 from typing import Any
 
 JOURNAL_DIR = ".journal"
+BATCHES_DIR = ".batches"  # openai-batch: the ids of a shard's batches (captioners/batch.py)
 
 
 def journal_path(corpus: Path, shard: str) -> Path:
     return corpus / JOURNAL_DIR / f"{shard}.jsonl"
 
 
-def remove_journal(corpus: Path, shard: str) -> None:
+def batch_state_path(corpus: Path, shard: str) -> Path:
+    return corpus / BATCHES_DIR / f"{shard}.json"
+
+
+def forget_shard(corpus: Path, shard: str) -> None:
+    """A committed shard's resume state is no longer needed: its journal and batch ids."""
     journal_path(corpus, shard).unlink(missing_ok=True)
+    batch_state_path(corpus, shard).unlink(missing_ok=True)
 
 
 class Journal:

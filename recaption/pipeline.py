@@ -36,10 +36,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from recaption.captioners import (
+    Answer,
     Captioner,
     CaptionerFatal,
     CaptionFailure,
     CaptionResult,
+    ShardPending,
     captioner_identity,
     make_captioner,
     metered_endpoints,
@@ -48,7 +50,7 @@ from recaption.captioners import (
 )
 from recaption.config import PipelineConfig, RayConfig, redacted
 from recaption.images import ImageRejected, PreparedImage, prepare
-from recaption.journal import Journal, remove_journal
+from recaption.journal import Journal, forget_shard
 from recaption.limits import LimiterActor
 from recaption.records import CaptionRecord, Manifest, Reason, Rejection, ShardReport, Stage
 from recaption.sinks import DATA_DIR, REJECTED_DIR, ShardWriter, load_manifest, write_manifest
@@ -161,10 +163,15 @@ async def process_shard_async(
             rejected[entry["row"]["reason"]] += 1
         on_sample(spent)
 
-    async def caption_one(sample: Sample, image: PreparedImage) -> None:
+    async def caption_one(sample: Sample, image: PreparedImage, answer: Answer | None) -> None:
         t0 = time.perf_counter()
         try:
-            result = await captioner.caption(image)
+            if isinstance(answer, CaptionFailure):
+                raise answer
+            if isinstance(answer, CaptionResult):
+                result = answer
+            else:
+                result = await (answer or captioner.caption)(image)
         except CaptionFailure as exc:
             spent = account(exc)
             return reject(sample, Stage.caption, exc.reason, exc.detail, exc.attempts, spent)
@@ -176,7 +183,7 @@ async def process_shard_async(
             )
         finally:
             timings["caption_s"] += time.perf_counter() - t0
-        latency_ms = (time.perf_counter() - t0) * 1000
+        latency_ms = result.latency_ms or (time.perf_counter() - t0) * 1000
         spent = account(result)
         t1 = time.perf_counter()
         try:
@@ -220,6 +227,9 @@ async def process_shard_async(
 
     samples = 0
     try:
+        # a batch backend answers the whole shard first; the pass below writes the answers
+        settle = getattr(captioner, "settle", None)
+        answers = await settle(shard, journal.answered) if settle else {}
         stream = read_samples(shard)
         while True:
             t0 = time.perf_counter()
@@ -245,7 +255,7 @@ async def process_shard_async(
                 resumed += 1
                 continue
             await in_flight.acquire()  # at most `limits.concurrency` images held in flight
-            task = asyncio.create_task(caption_one(sample, image))
+            task = asyncio.create_task(caption_one(sample, image, answers.pop(sample.key, None)))
             tasks.add(task)
             task.add_done_callback(finished)
         await asyncio.gather(*tasks)
@@ -356,6 +366,7 @@ class RunSummary:
     skipped: int
     finished: list[ShardReport] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    pending: dict[str, str] = field(default_factory=dict)  # shards waiting on their batches
     seconds: float = 0.0
     workers: list[dict[str, float]] = field(default_factory=list)  # their last progress()
 
@@ -378,6 +389,11 @@ class RunSummary:
             f"corpus: {self.corpus}",
         ]
         out += [f"failed shard {sid}: {err}" for sid, err in sorted(self.failed.items())]
+        if self.pending:
+            out.append(
+                f"waiting: {len(self.pending)} shards have batches running "
+                f"(e.g. {min(self.pending)}: {self.pending[min(self.pending)]})"
+            )
         return out
 
 
@@ -476,7 +492,7 @@ def _run(cfg: PipelineConfig, shards: list[Shard], corpus: Path, show_progress: 
     manifest.versions = versions
     done = _committed(corpus, manifest)
     for sid in done:  # left behind by a run stopped between the manifest and the cleanup
-        remove_journal(corpus, sid)
+        forget_shard(corpus, sid)
     todo = deque(s for s in shards if s.id not in done)
     summary = RunSummary(corpus=corpus, shards=len(shards), skipped=len(shards) - len(todo))
     if not todo:
@@ -502,6 +518,9 @@ def _run(cfg: PipelineConfig, shards: list[Shard], corpus: Path, show_progress: 
         }
         env = worker_env(cfg)
         n_workers = min(cfg.ray.workers, len(todo))
+        # shards queued on a worker at once; a shard in a batch mostly waits, so many more
+        batched = cfg.captioner.backend == "openai-batch"
+        per_worker = cfg.captioner.batch.shards_per_worker if batched else SHARDS_PER_WORKER
 
         def new_worker():
             return ShardWorker.options(num_cpus=cfg.ray.cpus_per_worker).remote(cfg, limiters, env)
@@ -544,7 +563,7 @@ def _run(cfg: PipelineConfig, shards: list[Shard], corpus: Path, show_progress: 
                             replace(slot)
                             continue
                         up.add(slot)
-                        for _ in range(SHARDS_PER_WORKER):
+                        for _ in range(per_worker):
                             submit(slot)
                         continue
                     slot, worker, shard = running.pop(ref)
@@ -559,17 +578,20 @@ def _run(cfg: PipelineConfig, shards: list[Shard], corpus: Path, show_progress: 
                         else:
                             summary.failed[shard.id] = _error_line(exc)
                         for other in up:  # whoever has room takes it now
-                            if sum(s == other for s, _, _ in running.values()) < SHARDS_PER_WORKER:
+                            if sum(s == other for s, _, _ in running.values()) < per_worker:
                                 submit(other)
                         continue
                     except RayTaskError as exc:
-                        if isinstance(exc.cause, CaptionerFatal):
-                            fatal = str(exc.cause)
-                        summary.failed[shard.id] = _error_line(exc)
+                        if isinstance(exc.cause, ShardPending):
+                            summary.pending[shard.id] = str(exc.cause)
+                        else:
+                            if isinstance(exc.cause, CaptionerFatal):
+                                fatal = str(exc.cause)
+                            summary.failed[shard.id] = _error_line(exc)
                     else:
                         manifest.shards[shard.id] = report
                         write_manifest(corpus, manifest)
-                        remove_journal(corpus, shard.id)  # only now: the shard is on record
+                        forget_shard(corpus, shard.id)  # only now: the shard is on record
                         summary.finished.append(report)
                     submit(slot)
                 if show_progress:

@@ -21,6 +21,13 @@ class Price:
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
 
+    def batch(self) -> Price:
+        """The Batch API's price: half the online one, input and output alike."""
+        return Price(self.input_per_mtok * BATCH_DISCOUNT, self.output_per_mtok * BATCH_DISCOUNT)
+
+
+BATCH_DISCOUNT = 0.5
+
 
 PRICES: dict[str, Price] = {
     "gpt-4.1": Price(2.00, 8.00),

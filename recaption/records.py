@@ -51,6 +51,7 @@ class Reason(StrEnum):
     forbidden = "forbidden"  # HTTP 403
     server_error = "server_error"  # 5xx, 408, 409, timeouts, dropped connections: out of retries
     rate_limited = "rate_limited"  # still 429 after every retry
+    batch_failed = "batch_failed"  # openai-batch: expired, failed or missing in every batch tried
     # validate: the caption
     schema_invalid = "schema_invalid"
     empty = "empty"

@@ -5,7 +5,8 @@ that refills continuously and holds a minute's quota; tokens are charged as prom
 plus the `max_completion_tokens` asked for; a refused request gets 429 with `retry-after`,
 `retry-after-ms` and `x-ratelimit-*` headers, and every answer carries the headers. It has
 a log-normal latency and injects faults at set rates. It also serves Azure's deployment
-paths (`/openai/deployments/NAME/chat/completions?api-version=...`, `api-key` header).
+paths (`/openai/deployments/NAME/chat/completions?api-version=...`, `api-key` header),
+and the Files and Batches APIs (tests/batch_api.py) for the Batch API mode.
 
     with OpenAIServer(rpm=600, latency_ms=500, faults=Faults(server_error=0.03)) as server:
         server.url   # http://127.0.0.1:PORT/v1
@@ -31,10 +32,16 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from PIL import Image
 
 from recaption.pricing import image_tokens
+
+try:
+    from batch_api import BatchAPI  # tests/ on the path: pytest, bench/
+except ImportError:
+    from tests.batch_api import BatchAPI  # python -m tests.openai_server
 
 MODEL = "gpt-4.1"
 REFUSAL = "I'm sorry, I can't help with describing this image."
@@ -51,6 +58,9 @@ class Faults:
     refusal: float = 0.0
     truncation: float = 0.0  # finish_reason "length", the reply cut
     schema_invalid: float = 0.0  # valid JSON without the schema's fields
+
+
+_FAULT_STATUS = {"server_error": 503, "rate_limit": 429, "drop": 0}  # 0: dropped
 
 
 @dataclass
@@ -147,6 +157,7 @@ class OpenAIServer:
         self.started = time.monotonic()
         self.requests = _Bucket(rpm, burst_s) if rpm else None
         self.tokens = _Bucket(tpm, burst_s) if tpm else None
+        self.batch_api = BatchAPI(self)  # /v1/files and /v1/batches
         self.httpd = _HTTPServer(("127.0.0.1", port), _handler(self))
         self.thread: threading.Thread | None = None
 
@@ -194,6 +205,70 @@ class OpenAIServer:
                 "kinds": dict(self.kinds),
             }
 
+    def complete(
+        self, body: dict, path: str, metered: bool = True
+    ) -> tuple[int, dict | None, dict]:
+        """(status, JSON body, headers) for one chat completion; status 0: drop the connection.
+        `metered` False (a batch line): no rate limits, no latency, faults still drawn."""
+        fmt = (body.get("response_format") or {}).get("type")
+        text = "".join(
+            part if isinstance(part, str) else part.get("text", "")
+            for message in body["messages"]
+            for part in (
+                [message["content"]] if isinstance(message["content"], str) else message["content"]
+            )
+        )
+        with self.lock:
+            self.requests_seen.append(
+                {k: v for k, v in body.items() if k != "messages"}
+                | {"text": text, "path": path, "batch": not metered}
+            )
+        if fmt == "json_schema" and not self.structured_output:
+            return _error(
+                400,
+                "response_format of type json_schema is not supported by this model",
+                "invalid_request_error",
+            )
+        if fmt == "json_object" and not self.json_mode:
+            return _error(
+                400, "response_format json_object is not supported", "invalid_request_error"
+            )
+        images = [
+            (_decode_image(part["image_url"]["url"]), part["image_url"])
+            for message in body["messages"]
+            if not isinstance(message["content"], str)
+            for part in message["content"]
+            if part["type"] == "image_url"
+        ]
+        if not images:
+            return _error(400, "Invalid image: none was sent", "invalid_request_error")
+        model = body.get("model", MODEL)
+        if self.models is not None and model not in self.models:
+            return _error(404, f"The model `{model}` does not exist", "not_found")
+        prompt_tokens = count_text_tokens(text) + 3 * len(body["messages"])
+        for im, part in images:
+            prompt_tokens += image_tokens(model, *im.size, part.get("detail", "high"))
+        max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 4096)
+        digest = hashlib.sha1(images[0][1]["url"].encode()).hexdigest()[:16]
+        kind, headers, delay = self.admit(prompt_tokens, max_tokens, digest, metered)
+        if kind == "storm":  # as an overloaded gateway does: whole seconds only
+            headers = {"retry-after": str(math.ceil(delay))}
+            return _error(429, "Rate limit reached. Please retry later.", "requests", headers)
+        if kind in ("quota", "rate_limit"):
+            wait = delay if kind == "quota" else 0.2
+            headers = headers | {
+                "retry-after-ms": str(int(wait * 1000)),
+                "retry-after": str(math.ceil(wait)),
+            }
+            return _error(429, "Rate limit reached. Please retry later.", "requests", headers)
+        if kind == "drop":
+            return 0, None, {}
+        time.sleep(delay)
+        if kind == "server_error":
+            return _error(503, "The server is overloaded.", "server_error", headers)
+        payload = _completion(model, images[0][0], fmt, kind, prompt_tokens, max_tokens)
+        return 200, payload, headers
+
     # -- one request: the decisions, under the lock ----------------------------------------
 
     def _log(self, now: float, status: int, kind: str, charged: int = 0, image: str = "") -> None:
@@ -210,12 +285,29 @@ class OpenAIServer:
                 headers[f"x-ratelimit-reset-{name}"] = f"{reset:.3f}s"
         return headers
 
+    def _fault(self) -> str:
+        for name, rate in asdict(self.faults).items():
+            if rate and self.rng.random() < rate:
+                return name
+        return "ok"
+
     def admit(
-        self, prompt_tokens: int, max_tokens: int, image: str = ""
+        self, prompt_tokens: int, max_tokens: int, image: str = "", metered: bool = True
     ) -> tuple[str, dict[str, str], float]:
-        """(kind, headers, retry_after_s): kind is "ok", "storm", "quota" or a fault."""
+        """(kind, headers, retry_after_s): kind is "ok", "storm", "quota" or a fault.
+        Unmetered (a batch line): only the faults apply."""
         with self.lock:
             now = time.monotonic()
+            if not metered:
+                kind = self._fault()
+                self._log(
+                    now,
+                    _FAULT_STATUS.get(kind, 200),
+                    kind,
+                    0,
+                    image,
+                )
+                return kind, {}, 0.0
             if now < self.storm_until:
                 self._log(now, 429, "storm")
                 return "storm", {}, self.storm_retry_after
@@ -233,12 +325,8 @@ class OpenAIServer:
             if self.tokens:
                 self.tokens.level -= charge
             headers = self._ratelimit_headers()
-            kind = "ok"
-            for name, rate in asdict(self.faults).items():
-                if rate and self.rng.random() < rate:
-                    kind = name
-                    break
-            status = {"server_error": 503, "rate_limit": 429, "drop": 0}.get(kind, 200)
+            kind = self._fault()
+            status = _FAULT_STATUS.get(kind, 200)
             self._log(now, status, kind, charge, image)
             delay = 0.0
             if self.latency_ms:
@@ -251,6 +339,60 @@ class OpenAIServer:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # the default backlog of 5 resets connections under a burst
+
+
+def _completion(
+    model: str,
+    image: Image.Image,
+    fmt: str | None,
+    kind: str,
+    prompt_tokens: int,
+    max_tokens: int,
+) -> dict:
+    content: str | None = json.dumps(caption_for(image))
+    if fmt is None:  # plain text mode: models like to fence their JSON
+        content = f"Here is the JSON:\n```json\n{content}\n```"
+    finish, refusal = "stop", None
+    if kind == "refusal":
+        content, refusal = (None, REFUSAL) if fmt == "json_schema" else (REFUSAL, None)
+    elif kind == "truncation":
+        content, finish = content[: len(content) // 2], "length"
+    elif kind == "broken_json":
+        content = content[:-25]
+    elif kind == "schema_invalid":
+        content = json.dumps({"description": "a picture", "tags": ["picture"]})
+    completion_tokens = count_text_tokens(content or refusal or "")
+    if finish == "length":
+        completion_tokens = max_tokens
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": refusal},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def _error(
+    status: int, message: str, kind: str, headers: dict | None = None
+) -> tuple[int, dict, dict]:
+    return (
+        status,
+        {"error": {"message": message, "type": kind, "param": None, "code": None}},
+        headers or {},
+    )
 
 
 def _decode_image(url: str) -> Image.Image:
@@ -286,8 +428,7 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def _error(self, status: int, message: str, kind: str, headers=None) -> None:
-            body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-            self._send(status, body, headers)
+            self._send(*_error(status, message, kind, headers))
 
         def _authorised(self) -> bool:
             if server.api_key is None:
@@ -310,7 +451,38 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 return self._send(
                     200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
                 )
-            return self._error(404, f"no route {self.path}", "not_found")
+            return self._batch_api("GET", b"")
+
+        def _batch_api(self, method: str, raw: bytes) -> None:
+            """The Files and Batches routes (OpenAI's /v1/... and Azure's /openai/...)."""
+            api, path = server.batch_api, self.path.split("?")[0].rstrip("/")
+            found: Any = None
+            if method == "POST" and path.endswith("/files"):
+                found = api.upload(self.headers["content-type"], raw)
+            elif method == "POST" and path.endswith("/batches"):
+                found, answer = api.create(json.loads(raw))
+                if not answer:  # the batch exists; the client never hears of it
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return None
+            elif m := re.search(r"/batches/([^/]+)/cancel$", path):
+                found = api.cancel(m.group(1)) if method == "POST" else None
+            elif method == "GET" and path.endswith("/batches"):
+                found = api.list()
+            elif method == "GET" and (m := re.search(r"/batches/([^/]+)$", path)):
+                found = api.retrieve(m.group(1))
+            elif method == "GET" and (m := re.search(r"/files/([^/]+)/content$", path)):
+                data = api.content(m.group(1))
+                if data is not None:
+                    self.send_response(200)
+                    self.send_header("content-type", "application/octet-stream")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return None
+            if found is None:
+                return self._error(404, f"no route or no such object: {self.path}", "not_found")
+            return self._send(200, found)
 
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length", 0))
@@ -319,10 +491,10 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 args = json.loads(raw or b"{}")
                 server.storm(float(args.get("seconds", 10)), args.get("retry_after"))
                 return self._send(200, {"ok": True})
-            if not self.path.split("?")[0].endswith("/chat/completions"):
-                return self._error(404, f"no route {self.path}", "not_found")
             if not self._authorised():
                 return None
+            if not self.path.split("?")[0].endswith("/chat/completions"):
+                return self._batch_api("POST", raw)
             try:
                 body = json.loads(raw)
                 return self._complete(body)
@@ -330,120 +502,12 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 return self._error(400, f"Invalid request: {exc}", "invalid_request_error")
 
         def _complete(self, body: dict) -> None:
-            fmt = (body.get("response_format") or {}).get("type")
-            text = "".join(
-                part if isinstance(part, str) else part.get("text", "")
-                for message in body["messages"]
-                for part in (
-                    [message["content"]]
-                    if isinstance(message["content"], str)
-                    else message["content"]
-                )
-            )
-            with server.lock:
-                server.requests_seen.append(
-                    {k: v for k, v in body.items() if k != "messages"}
-                    | {"text": text, "path": self.path}
-                )
-            if fmt == "json_schema" and not server.structured_output:
-                return self._error(
-                    400,
-                    "response_format of type json_schema is not supported by this model",
-                    "invalid_request_error",
-                )
-            if fmt == "json_object" and not server.json_mode:
-                return self._error(
-                    400, "response_format json_object is not supported", "invalid_request_error"
-                )
-            images = [
-                (_decode_image(part["image_url"]["url"]), part["image_url"])
-                for message in body["messages"]
-                if not isinstance(message["content"], str)
-                for part in message["content"]
-                if part["type"] == "image_url"
-            ]
-            if not images:
-                return self._error(400, "Invalid image: none was sent", "invalid_request_error")
-            model = body.get("model", MODEL)
-            if server.models is not None and model not in server.models:
-                return self._error(404, f"The model `{model}` does not exist", "not_found")
-            prompt_tokens = count_text_tokens(text) + 3 * len(body["messages"])
-            for im, part in images:
-                prompt_tokens += image_tokens(model, *im.size, part.get("detail", "high"))
-            max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 4096)
-            digest = hashlib.sha1(images[0][1]["url"].encode()).hexdigest()[:16]
-            kind, headers, delay = server.admit(prompt_tokens, max_tokens, digest)
-            if kind == "storm":  # as an overloaded gateway does: whole seconds only
-                headers = {"retry-after": str(math.ceil(delay))}
-                return self._error(
-                    429, "Rate limit reached. Please retry later.", "requests", headers
-                )
-            if kind in ("quota", "rate_limit"):
-                wait = delay if kind == "quota" else 0.2
-                headers = headers | {
-                    "retry-after-ms": str(int(wait * 1000)),
-                    "retry-after": str(math.ceil(wait)),
-                }
-                return self._error(
-                    429, "Rate limit reached. Please retry later.", "requests", headers
-                )
-            if kind == "drop":
+            status, payload, headers = server.complete(body, self.path)
+            if status == 0:  # the connection is closed without an answer
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return None
-            time.sleep(delay)
-            if kind == "server_error":
-                return self._error(503, "The server is overloaded.", "server_error", headers)
-            self._send(
-                200,
-                self._completion(model, images[0][0], fmt, kind, prompt_tokens, max_tokens),
-                headers,
-            )
-            return None
-
-        def _completion(
-            self,
-            model: str,
-            image: Image.Image,
-            fmt: str | None,
-            kind: str,
-            prompt_tokens: int,
-            max_tokens: int,
-        ) -> dict:
-            content: str | None = json.dumps(caption_for(image))
-            if fmt is None:  # plain text mode: models like to fence their JSON
-                content = f"Here is the JSON:\n```json\n{content}\n```"
-            finish, refusal = "stop", None
-            if kind == "refusal":
-                content, refusal = (None, REFUSAL) if fmt == "json_schema" else (REFUSAL, None)
-            elif kind == "truncation":
-                content, finish = content[: len(content) // 2], "length"
-            elif kind == "broken_json":
-                content = content[:-25]
-            elif kind == "schema_invalid":
-                content = json.dumps({"description": "a picture", "tags": ["picture"]})
-            completion_tokens = count_text_tokens(content or refusal or "")
-            if finish == "length":
-                completion_tokens = max_tokens
-            return {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content, "refusal": refusal},
-                        "finish_reason": finish,
-                        "logprobs": None,
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
-            }
+            return self._send(status, payload, headers)
 
     return Handler
 

@@ -74,3 +74,12 @@ def test_set_reaches_into_the_endpoint_list():
 @pytest.mark.parametrize("name", ["default", "openai", "azure", "vllm"])
 def test_every_bundled_pipeline_loads(name):
     load_config(f"pipelines/{name}.yaml")
+
+
+def test_a_date_like_value_stays_a_string(tmp_path):
+    # Azure API versions look like dates; YAML would make them datetime.date objects
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("captioner:\n  api_version: 2024-10-21\n")
+    assert load_config(pipeline).captioner.api_version == "2024-10-21"
+    cfg = load_config(None, ["captioner.api_version=2025-04-01-preview", "ray.workers=3"])
+    assert cfg.captioner.api_version == "2025-04-01-preview" and cfg.ray.workers == 3

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,6 +27,7 @@ class CaptionResult:
     cost_usd: float = 0.0
     attempts: int = 1
     outcomes: Counter[str] = field(default_factory=Counter)  # API requests and their kinds
+    latency_ms: float | None = None  # None: the time the caption call took
 
 
 class CaptionFailure(Exception):
@@ -55,6 +57,14 @@ class CaptionerFatal(Exception):
     """The backend cannot caption anything; the message is one line for the user."""
 
 
+class ShardPending(Exception):
+    """openai-batch with `batch.wait` off: the shard's batches are still running. Not a
+    failure: the next run collects them."""
+
+
+OPENAI_BACKENDS = ("openai", "openai-batch")  # the OpenAI API, online or by the Batch API
+
+
 class Captioner(Protocol):
     backend: str
     model: str
@@ -67,6 +77,12 @@ class Captioner(Protocol):
         """Release connections bound to the running event loop."""
 
 
+# A backend that answers a whole shard at once (the Batch API) also has
+#     async def settle(self, shard, answered) -> dict[key, Answer]
+# which the pipeline awaits before its pass over the shard; see captioners/batch.py.
+Answer = CaptionResult | CaptionFailure | Callable[[PreparedImage], Awaitable[CaptionResult]]
+
+
 def make_captioner(cfg: PipelineConfig, limiters: dict[str, Any] | None = None) -> Captioner:
     """`limiters`: endpoint name -> shared LimiterActor, for backends that call a metered API."""
     if cfg.captioner.backend == "analyzer":
@@ -77,6 +93,10 @@ def make_captioner(cfg: PipelineConfig, limiters: dict[str, Any] | None = None) 
         from recaption.captioners.openai import OpenAICaptioner
 
         return OpenAICaptioner(cfg.captioner, cfg.limits, limiters)
+    if cfg.captioner.backend == "openai-batch":
+        from recaption.captioners.batch import BatchCaptioner
+
+        return BatchCaptioner(cfg, limiters)
     raise ValueError(f"unknown captioner.backend {cfg.captioner.backend!r}")
 
 
@@ -88,12 +108,13 @@ def captioner_identity(cfg: PipelineConfig) -> tuple[str, str, str]:
         return "analyzer", cfg.captioner.model or DEFAULT_MODEL, VERSION
     from recaption.captioners.openai import DEFAULT_MODEL, load_prompt
 
-    return "openai", cfg.captioner.model or DEFAULT_MODEL, load_prompt(cfg.captioner.prompt)[0]
+    model = cfg.captioner.model or DEFAULT_MODEL
+    return cfg.captioner.backend, model, load_prompt(cfg.captioner.prompt)[0]
 
 
 def metered_endpoints(cfg: PipelineConfig) -> dict[str, tuple[int | None, int | None]]:
     """Endpoint name -> (rpm, tpm) for backends whose quota the run's workers share."""
-    if cfg.captioner.backend == "openai":
+    if cfg.captioner.backend in OPENAI_BACKENDS:  # batch: for its online retries
         from recaption.captioners.openai import endpoint_configs
 
         return {ep.name: (ep.rpm, ep.tpm) for ep in endpoint_configs(cfg.captioner, cfg.limits)}
@@ -103,7 +124,7 @@ def metered_endpoints(cfg: PipelineConfig) -> dict[str, tuple[int | None, int | 
 async def preflight(cfg: PipelineConfig) -> None:
     """Before any work: credentials present, endpoints reachable. Raises ConfigError or
     CaptionerFatal."""
-    if cfg.captioner.backend == "openai":
+    if cfg.captioner.backend in OPENAI_BACKENDS:
         from recaption.captioners.openai import preflight as openai_preflight
 
         await openai_preflight(cfg.captioner, cfg.limits)
@@ -112,7 +133,7 @@ async def preflight(cfg: PipelineConfig) -> None:
 def worker_env(cfg: PipelineConfig) -> dict[str, str]:
     """The environment variables workers on other nodes need (credentials, endpoints).
     They travel to the worker actors in memory and are never written."""
-    if cfg.captioner.backend != "openai":
+    if cfg.captioner.backend not in OPENAI_BACKENDS:
         return {}
     from recaption.captioners.openai import ENV_VARS, endpoint_configs, key_env
 

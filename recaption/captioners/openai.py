@@ -241,7 +241,7 @@ class EndpointPool:
 # --- the captioner ----------------------------------------------------------------------------
 
 
-class _Retry(Exception):
+class Retry(Exception):
     """An attempt failed in a way worth another try."""
 
     def __init__(self, reason: Reason, detail: str, rate_limited: bool = False):
@@ -252,7 +252,7 @@ class _Retry(Exception):
 
 
 @dataclass
-class _Tries:
+class Tries:
     """One image's attempts: what is sent each time, and what they used."""
 
     max_tokens: int
@@ -264,7 +264,13 @@ class _Tries:
     truncations: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    cost_usd: float = 0.0  # each attempt at its own price (batch attempts cost half)
     outcomes: Counter[str] = field(default_factory=Counter)  # requests and what came back
+
+    def paid(self, usage: Any, price: Price) -> None:
+        self.input_tokens += usage.prompt_tokens
+        self.output_tokens += usage.completion_tokens
+        self.cost_usd += price.cost(usage.prompt_tokens, usage.completion_tokens)
 
 
 _full_jitter = wait_random_exponential(multiplier=0.5, max=20)
@@ -272,7 +278,7 @@ _full_jitter = wait_random_exponential(multiplier=0.5, max=20)
 
 def _wait(state: RetryCallState) -> float:
     exc = state.outcome.exception() if state.outcome else None
-    if isinstance(exc, _Retry) and exc.rate_limited:
+    if isinstance(exc, Retry) and exc.rate_limited:
         return random.uniform(0, 0.05)  # the endpoint's pause already holds everyone back
     return _full_jitter(state)
 
@@ -359,13 +365,25 @@ class OpenAICaptioner:
 
     # -- one image ----------------------------------------------------------------------------
 
-    async def caption(self, image: PreparedImage) -> CaptionResult:
-        data = base64.b64encode(image.data).decode()
-        tries = _Tries(
+    def tries(self, image: PreparedImage) -> Tries:
+        return Tries(
             max_tokens=self.cfg.max_output_tokens,
-            image_url=f"data:{_MIME[self.cfg.image.format]};base64,{data}",
-            image_tokens=image_tokens(self.model, image.width, image.height, self.cfg.image.detail),
+            image_url="",  # encoded when a request is made
+            image_tokens=self.image_tokens(image),
         )
+
+    def image_tokens(self, image: PreparedImage) -> int:
+        return image_tokens(self.model, image.width, image.height, self.cfg.image.detail)
+
+    def data_url(self, image: PreparedImage) -> str:
+        data = base64.b64encode(image.data).decode()
+        return f"data:{_MIME[self.cfg.image.format]};base64,{data}"
+
+    async def caption(self, image: PreparedImage, prior: Tries | None = None) -> CaptionResult:
+        """`prior`: attempts already made elsewhere (a batch); they count against the budget."""
+        tries = prior or self.tries(image)
+        tries.image_url = tries.image_url or self.data_url(image)
+        tries.image_tokens = tries.image_tokens or self.image_tokens(image)
         budget = self.cfg.max_attempts
 
         def out_of_attempts(state: RetryCallState) -> bool:
@@ -375,40 +393,43 @@ class OpenAICaptioner:
         retrying = AsyncRetrying(
             stop=out_of_attempts,
             wait=_wait,
-            retry=retry_if_exception_type(_Retry),
+            retry=retry_if_exception_type(Retry),
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
                     caption = await self._attempt(tries)
-        except _Retry as exc:  # out of attempts
+        except Retry as exc:  # out of attempts
             raise self._failure(exc.reason, exc.detail, tries) from None
+        return self._result(caption, tries)
+
+    def _result(self, caption: Caption, tries: Tries) -> CaptionResult:
         return CaptionResult(
             caption=caption,
             input_tokens=tries.input_tokens,
             output_tokens=tries.output_tokens,
-            cost_usd=self.price.cost(tries.input_tokens, tries.output_tokens),
+            cost_usd=tries.cost_usd,
             attempts=tries.attempts,
             outcomes=tries.outcomes,
         )
 
-    def _count(self, tries: _Tries, outcome: str) -> None:
+    def _count(self, tries: Tries, outcome: str) -> None:
         tries.outcomes[outcome] += 1
         self.counters[outcome] += 1
 
-    def _failure(self, reason: Reason, detail: str, tries: _Tries) -> CaptionFailure:
+    def _failure(self, reason: Reason, detail: str, tries: Tries) -> CaptionFailure:
         return CaptionFailure(
             reason,
             detail,
             tries.attempts,
             input_tokens=tries.input_tokens,
             output_tokens=tries.output_tokens,
-            cost_usd=self.price.cost(tries.input_tokens, tries.output_tokens),
+            cost_usd=tries.cost_usd,
             outcomes=tries.outcomes,
         )
 
-    def _request(self, endpoint: Endpoint, tries: _Tries) -> dict:
+    def _request(self, endpoint: Endpoint, tries: Tries) -> dict:
         system = self.prompt if endpoint.mode == "json_schema" else self.prompt_with_schema
         request: dict[str, Any] = {
             "model": endpoint.model,
@@ -438,7 +459,7 @@ class OpenAICaptioner:
             request["temperature"] = self.cfg.temperature
         return request
 
-    async def _attempt(self, tries: _Tries) -> Caption:
+    async def _attempt(self, tries: Tries) -> Caption:
         # text at ~3 characters a token overestimates a little; `settle` corrects it
         text_tokens = len(self.prompt_with_schema) // 3 + 40
         estimate = text_tokens + tries.image_tokens + tries.max_tokens
@@ -454,7 +475,7 @@ class OpenAICaptioner:
             tries.rate_limited += 1
             endpoint.quota.observe(exc.response.headers, permit)
             endpoint.quota.pause(retry_after(exc.response.headers) or 1.0)
-            raise _Retry(Reason.rate_limited, _message(exc), rate_limited=True) from None
+            raise Retry(Reason.rate_limited, _message(exc), rate_limited=True) from None
         except openai.AuthenticationError as exc:
             raise CaptionerFatal(_auth_message(endpoint.config, exc)) from None
         except openai.NotFoundError as exc:
@@ -464,7 +485,7 @@ class OpenAICaptioner:
         except openai.BadRequestError as exc:
             if _about_response_format(exc) and endpoint.degrade():
                 self._count(tries, "response_format_fallback")
-                raise _Retry(Reason.bad_request, _message(exc)) from None
+                raise Retry(Reason.bad_request, _message(exc)) from None
             raise self._failure(Reason.bad_request, _message(exc), tries) from None
         except openai.PermissionDeniedError as exc:
             raise self._failure(Reason.forbidden, _message(exc), tries) from None
@@ -472,28 +493,27 @@ class OpenAICaptioner:
             self._count(tries, f"http_{exc.status_code}")
             if exc.status_code in (408, 409) or exc.status_code >= 500:
                 endpoint.record(transport_ok=False)
-                raise _Retry(Reason.server_error, _message(exc)) from None
+                raise Retry(Reason.server_error, _message(exc)) from None
             raise self._failure(Reason.caption_error, _message(exc), tries) from None
         except openai.APIConnectionError as exc:  # timeouts, refused and dropped connections
             self._count(tries, "connection_error")
             endpoint.record(transport_ok=False)
-            raise _Retry(Reason.server_error, f"{type(exc).__name__}: {_cause(exc)}") from None
+            raise Retry(Reason.server_error, f"{type(exc).__name__}: {_cause(exc)}") from None
         except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
             self._count(tries, "broken_response")
-            raise _Retry(Reason.schema_invalid, f"unreadable response: {exc}") from None
+            raise Retry(Reason.schema_invalid, f"unreadable response: {exc}") from None
         endpoint.record(transport_ok=True)
         endpoint.quota.observe(raw.headers, permit)
         usage = completion.usage
         if usage is not None:
-            tries.input_tokens += usage.prompt_tokens
-            tries.output_tokens += usage.completion_tokens
+            tries.paid(usage, self.price)
             # how OpenAI and Azure count TPM: prompt tokens + the max output asked for
             endpoint.quota.settle(permit, usage.prompt_tokens + tries.max_tokens)
         return self._read(completion, tries)
 
-    def _read(self, completion: Any, tries: _Tries) -> Caption:
+    def _read(self, completion: Any, tries: Tries) -> Caption:
         if not completion.choices:
-            raise _Retry(Reason.schema_invalid, "response has no choices")
+            raise Retry(Reason.schema_invalid, "response has no choices")
         choice = completion.choices[0]
         content = (choice.message.content or "").strip()
         refusal = getattr(choice.message, "refusal", None)
@@ -503,7 +523,7 @@ class OpenAICaptioner:
             detail = (refusal or content or f"finish_reason={choice.finish_reason}")[:200]
             if tries.refusals > self.cfg.refusal_retries:
                 raise self._failure(Reason.refusal, detail, tries)
-            raise _Retry(Reason.refusal, detail)
+            raise Retry(Reason.refusal, detail)
         if choice.finish_reason == "length":
             tries.truncations += 1
             self._count(tries, "truncated")
@@ -514,19 +534,17 @@ class OpenAICaptioner:
                     tries,
                 )
             tries.max_tokens *= 2  # once, with room to finish
-            raise _Retry(Reason.truncated_output, "finish_reason=length")
+            raise Retry(Reason.truncated_output, "finish_reason=length")
         try:
             return Caption.model_validate(parse_json_object(content))
         except json.JSONDecodeError as exc:
             self._count(tries, "broken_json")
-            raise _Retry(
-                Reason.schema_invalid, f"not JSON ({exc.msg}): {content[:120]!r}"
-            ) from None
+            raise Retry(Reason.schema_invalid, f"not JSON ({exc.msg}): {content[:120]!r}") from None
         except ValidationError as exc:
             self._count(tries, "schema_invalid")
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or "reply"
-            raise _Retry(Reason.schema_invalid, f"{where}: {err['msg']}") from None
+            raise Retry(Reason.schema_invalid, f"{where}: {err['msg']}") from None
 
 
 def _message(exc: openai.APIStatusError) -> str:
