@@ -7,7 +7,7 @@ SHARDS := data/shards
 CORPUS := data/corpus
 TRAIN_STEPS ?= 600
 
-.PHONY: setup recaption train ablation test lint format schemas bench bench-openai bench-lens clean
+.PHONY: setup browser recaption train ablation test lint format schemas bench bench-openai bench-lens clean
 
 setup: $(STAMP)
 
@@ -33,8 +33,17 @@ train: setup
 ablation: setup
 	$(BIN)/python -m recaption.lens.ablation --out runs/ablation
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# Debian's Chromium and ChromeDriver, for the report's test in a real browser (as root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "make browser: run as root, or apt-get install chromium chromium-driver; the browser test skips without them"; \
+	fi
 
 lint: setup
 	$(BIN)/ruff check .

@@ -79,10 +79,41 @@ def cmd_report(args: argparse.Namespace) -> int:
     from recaption.report import write_report
 
     try:
-        path = write_report(Path(args.corpus), limit=args.limit)
+        path = write_report(Path(args.corpus), sample=args.sample)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     print(f"recaption: report written to {path}")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from recaption.captioners import CaptionerFatal
+    from recaption.estimate import estimate, lines
+    from recaption.sources import InputError
+
+    overrides = list(args.set) + ([f"input.path={args.input}"] if args.input else [])
+    cfg = load_config(args.pipeline, overrides)
+    try:
+        result = estimate(
+            cfg,
+            sample=args.sample,
+            dry=args.dry,
+            images=args.images,
+            output_tokens=args.output_tokens,
+        )
+    except (InputError, CaptionerFatal, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for line in lines(result):
+            print(f"recaption: {line}")
     return 0
 
 
@@ -268,11 +299,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_captions)
 
     p = sub.add_parser(
-        "report", help="write CORPUS/report/index.html: images, alt text and new captions"
+        "report",
+        help="write CORPUS/report/: index.html (statistics, plots, contact sheet), report.json",
     )
     p.add_argument("corpus")
-    p.add_argument("--limit", type=int, default=60, help="rows shown")
+    p.add_argument(
+        "--sample", "--limit", type=int, default=200, help="contact-sheet rows, drawn at random"
+    )
+    p.add_argument("--open", action="store_true", help="open the page in a browser")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "estimate", help="tokens, cost (online and batch) and time of a run, from a sample"
+    )
+    p.add_argument("--pipeline", required=True, help="pipeline YAML file")
+    p.add_argument("--input", help="input shards (overrides input.path)")
+    p.add_argument("--sample", type=int, default=200, help="images captioned to measure")
+    p.add_argument("--dry", action="store_true", help="no requests: count tokens only")
+    p.add_argument("--images", type=int, help="project to this many images (default: the input's)")
+    p.add_argument(
+        "--output-tokens", type=int, default=250, help="--dry: output tokens assumed per image"
+    )
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser(
         "batches", help="openai-batch: the corpus's batches, their status and cost so far"

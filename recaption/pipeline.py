@@ -78,7 +78,8 @@ def process_shard(
     on_sample: Callable[[Counter[str]], None] = lambda usage: None,
 ) -> ShardReport:
     """Caption one shard and commit its output; every sample ends in data/ or rejected/.
-    `on_sample` gets each sample's usage (tokens, micro-dollars) as it is written."""
+    `on_sample` gets each sample's usage (tokens, micro-dollars; rejected=1 for a rejection)
+    as it is written."""
 
     async def once() -> ShardReport:
         try:
@@ -144,7 +145,7 @@ async def process_shard_async(
         if stage in (Stage.caption, Stage.validate):  # the captioner was asked: never again
             journal.record("rejected", rejection.model_dump(mode="json"), spent or {})
         rejected[reason] += 1
-        on_sample(spent or Counter())
+        on_sample((spent or Counter()) + Counter(rejected=1))
 
     def replay(sample: Sample, image: PreparedImage, entry: dict) -> None:
         """A key answered before this shard was interrupted: its row, without a new call."""
@@ -161,6 +162,7 @@ async def process_shard_async(
         else:
             writer.reject(Rejection.model_validate(entry["row"]))
             rejected[entry["row"]["reason"]] += 1
+            spent["rejected"] = 1
         on_sample(spent)
 
     async def caption_one(sample: Sample, image: PreparedImage, answer: Answer | None) -> None:
@@ -616,7 +618,10 @@ def _show_progress(bar: tqdm, workers: list, summary: RunSummary, elapsed: float
         for counts in ray.get([w.progress.remote() for w in workers], timeout=5):
             done.update(counts)
         bar.update(max(0, done["samples"] - bar.n))
-        postfix = {"shards": f"{len(summary.finished)}/{summary.shards - summary.skipped}"}
+        postfix = {
+            "shards": f"{len(summary.finished)}/{summary.shards - summary.skipped}",
+            "rejected": done["rejected"],
+        }
         if done["requests"]:  # a metered API: show what the quota and the bill are doing
             minutes = elapsed / 60
             postfix["req/min"] = f"{done['requests'] / minutes:.0f}"

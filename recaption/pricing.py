@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from recaption.config import PriceConfig
+
 
 @dataclass(frozen=True)
 class Price:
@@ -71,9 +73,10 @@ def _base_name(model: str, table: dict) -> str | None:
     return best
 
 
-def price_for(model: str, override: Price | None = None) -> Price:
+def price_for(model: str, override: Price | PriceConfig | None = None) -> Price:
+    """The list price of `model`, unless `override` (captioner.price) sets one."""
     if override is not None:
-        return override
+        return Price(override.input_per_mtok, override.output_per_mtok)
     name = _base_name(model, PRICES)
     return PRICES[name] if name else FREE
 

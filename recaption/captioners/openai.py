@@ -57,6 +57,7 @@ ENV_VARS = (
     "AZURE_OPENAI_ENDPOINT",
     "OPENAI_API_VERSION",
 )
+USER_TEXT = "Caption this image."  # sent with each image, after the system prompt
 _MIME = {"jpeg": "image/jpeg", "webp": "image/webp", "png": "image/png"}
 
 
@@ -70,6 +71,12 @@ def load_prompt(name: str) -> tuple[str, str]:
         bundled = ", ".join(sorted(p.stem for p in PROMPTS.glob("*.md")))
         raise ConfigError(f"captioner.prompt {name!r}: no such file (bundled: {bundled})")
     return path.stem, path.read_text().strip()
+
+
+def prompt_with_schema(prompt: str) -> str:
+    """The prompt for output modes that carry no schema on the wire (JSON mode, text)."""
+    schema = json.dumps(Caption.model_json_schema())
+    return f"{prompt}\n\nReply with only the JSON object, matching this JSON Schema:\n{schema}"
 
 
 def endpoint_configs(cfg: CaptionerConfig, limits: LimitsConfig) -> list[EndpointConfig]:
@@ -344,19 +351,14 @@ class OpenAICaptioner:
                 for ep in configs
             ]
         )
-        self.price: Price = price_for(
-            self.model, Price(**cfg.price.model_dump()) if cfg.price else None
-        )
+        self.price: Price = price_for(self.model, cfg.price)
         schema = Caption.model_json_schema()
         self.schema = {
             "type": "json_schema",
             "json_schema": {"name": "caption", "strict": True, "schema": schema},
         }
         # without a schema on the wire (JSON mode, plain text) the prompt spells it out
-        self.prompt_with_schema = (
-            f"{self.prompt}\n\nReply with only the JSON object, matching this JSON Schema:\n"
-            f"{json.dumps(schema)}"
-        )
+        self.prompt_with_schema = prompt_with_schema(self.prompt)
         self.counters: Counter[str] = Counter()  # requests and their outcomes, for progress
 
     async def aclose(self) -> None:
@@ -438,7 +440,7 @@ class OpenAICaptioner:
                 {
                     "role": "user",
                     "content": [
-                        {"type": "text", "text": "Caption this image."},
+                        {"type": "text", "text": USER_TEXT},
                         {
                             "type": "image_url",
                             "image_url": {

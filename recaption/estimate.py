@@ -1,0 +1,258 @@
+"""`recaption estimate`: what a run will cost and how long it will take, before paying.
+
+    count the input's images (shard metadata: no image is read)
+      ─▶ draw a sample spread over the shards ─▶ caption it for real (online, even for
+         openai-batch: the request is the same), or with --dry only count its tokens
+      ─▶ per image: input and output tokens, attempts, latency, share rejected
+      ─▶ project to the whole input: tokens, cost online and at batch price, and the time
+         each limit allows (RPM, TPM as the API counts it, requests in flight), the
+         slowest of which binds.
+
+With --dry no request is made: image tokens follow the model's rule exactly, text tokens
+are approximated (4 characters a token) and the output is assumed (`--output-tokens`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from recaption.captioners import OPENAI_BACKENDS, CaptionFailure, make_captioner
+from recaption.config import PipelineConfig
+from recaption.images import ImageRejected, PreparedImage, prepare
+from recaption.pricing import price_for
+from recaption.sources import Shard, list_shards, read_samples
+from recaption.validation import CaptionInvalid, validate_caption
+
+
+def count_images(shards: list[Shard]) -> tuple[int, int]:
+    """(samples, of which downloaded) from the shards' metadata; shards without metadata
+    are counted by reading them."""
+    samples = downloaded = 0
+    for shard in shards:
+        table = shard.metadata if shard.format == "webdataset" else shard.path
+        if table is None:  # a bare tar: its members must be read
+            n = ok = 0
+            for sample in read_samples(shard):
+                n += 1
+                ok += sample.error is None
+            samples, downloaded = samples + n, downloaded + ok
+            continue
+        file = pq.ParquetFile(table)
+        samples += file.metadata.num_rows
+        if "status" in file.schema_arrow.names:
+            status = file.read(columns=["status"]).column("status").to_pylist()
+            downloaded += sum(s in (None, "success") for s in status)
+        else:
+            downloaded += file.metadata.num_rows
+    return samples, downloaded
+
+
+def draw(shards: list[Shard], n: int, cfg: PipelineConfig) -> tuple[list[PreparedImage], int]:
+    """Up to `n` prepared images spread evenly over the shards, and how many failed to
+    decode on the way."""
+    step = max(1, len(shards) // n) if n else 1
+    chosen = shards[::step]
+    per_shard = math.ceil(n / len(chosen))
+    images: list[PreparedImage] = []
+    undecodable = 0
+    for shard in chosen:
+        taken = 0
+        for sample in read_samples(shard):
+            if taken >= per_shard or len(images) >= n:
+                break
+            if sample.error:
+                continue
+            taken += 1
+            try:
+                images.append(prepare(sample.image, cfg.captioner.image))
+            except ImageRejected:
+                undecodable += 1
+    return images, undecodable
+
+
+async def _caption_sample(cfg: PipelineConfig, images: list[PreparedImage]) -> dict[str, Any]:
+    """Caption the sample for real: tokens, attempts, latency, rejections."""
+    online = cfg.model_copy(deep=True)
+    if online.captioner.backend == "openai-batch":  # the same request, answered now
+        online.captioner.backend = "openai"
+    captioner = make_captioner(online)
+    gate = asyncio.Semaphore(cfg.limits.concurrency)
+    tally: Counter[str] = Counter()
+    latencies: list[float] = []
+
+    async def one(image: PreparedImage) -> None:
+        async with gate:
+            t0 = time.perf_counter()
+            try:
+                result = await captioner.caption(image)
+            except CaptionFailure as exc:
+                tally.update(input=exc.input_tokens, output=exc.output_tokens)
+                tally.update(attempts=exc.attempts, rejected=1)
+                return
+            latencies.append((time.perf_counter() - t0) / max(result.attempts, 1))
+            tally.update(
+                input=result.input_tokens, output=result.output_tokens, attempts=result.attempts
+            )
+            try:
+                validate_caption(result.caption, cfg.validation)
+            except CaptionInvalid:
+                tally["rejected"] += 1
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(image) for image in images))
+    finally:
+        await captioner.aclose()
+    tally["seconds"] = time.perf_counter() - t0
+    return {"tally": tally, "latency_s": sum(latencies) / len(latencies) if latencies else None}
+
+
+def _dry_tally(cfg: PipelineConfig, images: list[PreparedImage], output_tokens: int) -> Counter:
+    from recaption.captioners.openai import USER_TEXT, load_prompt, prompt_with_schema
+    from recaption.pricing import image_tokens
+
+    model = cfg.captioner.model or "gpt-4.1"
+    # the schema is paid for either way: in the prompt, or as the structured-output format
+    prompt = prompt_with_schema(load_prompt(cfg.captioner.prompt)[1])
+    text_tokens = math.ceil(len(prompt + USER_TEXT) / 4) + 7  # + message framing
+    tally: Counter[str] = Counter(attempts=len(images))
+    for image in images:
+        tally["input"] += text_tokens + image_tokens(
+            model, image.width, image.height, cfg.captioner.image.detail
+        )
+        tally["output"] += output_tokens
+    return tally
+
+
+def estimate(
+    cfg: PipelineConfig,
+    sample: int = 200,
+    dry: bool = False,
+    images: int | None = None,
+    output_tokens: int = 250,
+) -> dict[str, Any]:
+    """The projection as a dict (`--json` prints it as it is)."""
+    shards = list_shards(cfg.input.path, cfg.input.format)
+    samples, downloaded = count_images(shards)
+    drawn, undecodable = draw(shards, sample, cfg)
+    if not drawn:
+        raise ValueError(f"no decodable image found in {cfg.input.path}")
+    # images that will reach the captioner: downloaded and decodable
+    sendable = images if images is not None else downloaded
+    sendable = round(sendable * len(drawn) / (len(drawn) + undecodable))
+    out: dict[str, Any] = {
+        "input": {"shards": len(shards), "samples": samples, "downloaded": downloaded},
+        "images": sendable,
+        "sample": len(drawn),
+        "measured": not dry,
+        "backend": cfg.captioner.backend,
+    }
+    if cfg.captioner.backend not in OPENAI_BACKENDS:  # offline: time only
+        captioner = make_captioner(cfg)
+        t0 = time.perf_counter()
+        for image in drawn:
+            asyncio.run(captioner.caption(image))
+        per_image = (time.perf_counter() - t0) / len(drawn)
+        out["minutes"] = round(sendable * per_image / cfg.ray.workers / 60, 2)
+        out["cost_usd"] = {"online": 0.0, "batch": 0.0}
+        return out
+
+    latency = None
+    if dry:
+        tally = _dry_tally(cfg, drawn, output_tokens)
+    else:
+        caught = asyncio.run(_caption_sample(cfg, drawn))
+        tally, latency = caught["tally"], caught["latency_s"]
+    n = len(drawn)
+    per = {
+        "input_tokens": tally["input"] / n,
+        "output_tokens": tally["output"] / n,
+        "attempts": tally["attempts"] / n,
+        "rejected_share": tally["rejected"] / n,
+    }
+    model = cfg.captioner.model or "gpt-4.1"
+    price = price_for(model, cfg.captioner.price)
+    total_in, total_out = per["input_tokens"] * sendable, per["output_tokens"] * sendable
+    out |= {
+        "model": model,
+        "per_image": {k: round(v, 3) for k, v in per.items()}
+        | {"latency_s": round(latency, 3) if latency else None},
+        "tokens": {"input": round(total_in), "output": round(total_out)},
+        "cost_usd": {
+            "online": round(price.cost(total_in, total_out), 4),
+            "batch": round(price.batch().cost(total_in, total_out), 4),
+        },
+        "limits": _minutes(cfg, sendable, per, latency),
+    }
+    bound = {k: v for k, v in out["limits"].items() if v is not None}
+    out["binding"] = max(bound, key=bound.get) if bound else None
+    out["minutes"] = bound[out["binding"]] if bound else None
+    return out
+
+
+def _minutes(
+    cfg: PipelineConfig, images: int, per: dict[str, float], latency: float | None
+) -> dict[str, float | None]:
+    """Minutes the whole input takes under each limit on its own (None: not set/measured)."""
+    requests = images * per["attempts"]
+    # TPM is counted as the API counts it: prompt tokens + the max output asked for
+    reserved = images * per["input_tokens"] + requests * cfg.captioner.max_output_tokens
+    in_flight = cfg.ray.workers * cfg.limits.concurrency
+    return {
+        "rpm": round(requests / cfg.limits.rpm, 4) if cfg.limits.rpm else None,
+        "tpm": round(reserved / cfg.limits.tpm, 4) if cfg.limits.tpm else None,
+        "concurrency": round(requests * latency / in_flight / 60, 4) if latency else None,
+    }
+
+
+def lines(result: dict[str, Any]) -> list[str]:
+    """The estimate for people."""
+    src = result["input"]
+    out = [
+        f"input: {src['samples']} samples in {src['shards']} shards, {src['downloaded']} downloaded"
+        f" -> {result['images']} images to caption",
+    ]
+    if "per_image" not in result:
+        out.append(
+            f"offline {result['backend']}: ~{_duration(result['minutes'])}, no API cost "
+            f"(measured on {result['sample']} images)"
+        )
+        return out
+    per = result["per_image"]
+    how = "measured on" if result["measured"] else "counted (--dry) on"
+    out += [
+        f"per image ({how} {result['sample']}): {per['input_tokens']:.0f} input + "
+        f"{per['output_tokens']:.0f} output tokens, {per['attempts']:.2f} attempts"
+        + (f", {per['latency_s']:.2f}s latency" if per["latency_s"] else "")
+        + (f", {per['rejected_share']:.1%} rejected" if result["measured"] else ""),
+        f"tokens: {result['tokens']['input']:,} input, {result['tokens']['output']:,} output "
+        f"({result['model']})",
+        f"cost: ${result['cost_usd']['online']:,.2f} online, "
+        f"${result['cost_usd']['batch']:,.2f} with the Batch API (openai-batch)",
+    ]
+    limits = result["limits"]
+    shown = ", ".join(
+        f"{name} {_duration(minutes)}" for name, minutes in limits.items() if minutes is not None
+    )
+    if result["binding"]:
+        out.append(
+            f"time online: {_duration(result['minutes'])}, bound by {result['binding']} ({shown})"
+        )
+    else:
+        out.append("time online: set limits.rpm / limits.tpm to your quota to see it")
+    out.append("time in batches: each completes within its 24h window, on its own queue quota")
+    return out
+
+
+def _duration(minutes: float) -> str:
+    if minutes < 90:
+        return f"{minutes:,.1f} min"
+    if minutes < 48 * 60:
+        return f"{minutes / 60:,.1f} h"
+    return f"{minutes / 1440:,.1f} days"
