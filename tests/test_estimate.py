@@ -63,3 +63,14 @@ def test_dry_estimate_sends_nothing_and_projects_to_any_size(shards, capsys):
     assert result["cost_usd"]["online"] == pytest.approx(expected, rel=1e-3)
     assert result["cost_usd"]["batch"] == pytest.approx(expected / 2, rel=1e-3)
     assert result["binding"] is None  # no quota configured, no time claimed
+
+
+def test_one_live_progress_line_across_workers(ray_cluster, sample_shards, tmp_path, capsys):
+    with OpenAIServer(api_key=KEY, latency_ms=300) as server:
+        cfg = openai_config(server, sample_shards, tmp_path / "c", "ray.workers=2")
+        run(cfg, show_progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    # images done of the input, rate, shards, rejections, and the quota and the bill
+    assert bar.split("|")[-1].strip().startswith("48/48 [")
+    for field in ("img/s", "shards=2/2", "rejected=", "req/min=", "tok/min=", "$="):
+        assert field in bar, bar
