@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,ocr,samples,train]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ocr,samples,train,local,download]'
 	touch $(STAMP)
 
 recaption: setup

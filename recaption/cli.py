@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"input.path={args.input}")
     if args.output:
         overrides.append(f"output.path={args.output}")
+    for key in ("shards", "limit", "fraction"):  # a trial run on part of the input
+        if getattr(args, key) is not None:
+            overrides.append(f"input.{key}={getattr(args, key)}")
     cfg = load_config(args.pipeline, overrides)
     try:
         summary = run(cfg, show_progress=not args.quiet)
@@ -87,6 +91,41 @@ def cmd_report(args: argparse.Namespace) -> int:
         import webbrowser
 
         webbrowser.open(path.resolve().as_uri())
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from recaption.download import download
+
+    try:
+        totals = download(
+            Path(args.urls),
+            Path(args.dir),
+            url_col=args.url_col,
+            caption_col=args.caption_col,
+            image_size=args.image_size,
+            processes=args.processes,
+            threads=args.threads,
+            per_shard=args.per_shard,
+            timeout_s=args.timeout,
+            retries=args.retries,
+            distributor=args.distributor,
+        )
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        raise ConfigError(str(exc)) from None
+    failed = totals["count"] - totals["successes"]
+    print(
+        f"recaption: {totals['count']} URLs in {totals['shards']} shards: "
+        f"{totals['successes']} downloaded, {failed} failed"
+        + (
+            f" ({', '.join(f'{k} {v}' for k, v in totals.get('errors', {}).items())})"
+            if failed
+            else ""
+        )
+    )
+    print(
+        f"recaption: shards in {args.dir}; failed URLs are kept there and become download_failed rows"
+    )
     return 0
 
 
@@ -265,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. ray.workers=4",
     )
+    p.add_argument("--shards", help='only these shard positions, e.g. "0-9" (input.shards)')
+    p.add_argument("--limit", type=int, help="only the first N samples (input.limit)")
+    p.add_argument("--fraction", type=float, help="only this share of keys (input.fraction)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
@@ -308,6 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--open", action="store_true", help="open the page in a browser")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("download", help="URL list -> web shards, with img2dataset")
+    p.add_argument("urls", help=".txt (a URL a line), or .parquet/.csv/.tsv/.jsonl/.json table")
+    p.add_argument("dir", help="output folder for NNNNN.tar + NNNNN.parquet shards")
+    p.add_argument("--url-col", default="url")
+    p.add_argument("--caption-col", default="caption", help="the alt-text column of a table")
+    p.add_argument("--image-size", type=int, help="resize the longest side to this (default: no)")
+    p.add_argument("--processes", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--threads", type=int, default=32, help="download threads per process")
+    p.add_argument("--per-shard", type=int, default=10_000, help="URLs per shard")
+    p.add_argument("--timeout", type=int, default=10, help="seconds per URL")
+    p.add_argument("--retries", type=int, default=0)
+    p.add_argument("--distributor", default="multiprocessing", choices=["multiprocessing", "ray"])
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser(
         "estimate", help="tokens, cost (online and batch) and time of a run, from a sample"

@@ -28,7 +28,19 @@ class Strict(BaseModel):
 
 class InputConfig(Strict):
     path: str = "data/shards"
-    format: Literal["auto", "webdataset", "parquet"] = "auto"
+    # auto: img2dataset output (webdataset tars, parquet, files folders), else a plain
+    # folder of images at any depth (with optional <name>.txt alt text)
+    format: Literal["auto", "webdataset", "parquet", "files", "folder"] = "auto"
+    # parquet tables (e.g. Hugging Face datasets): column names; null: the usual names
+    image_col: str | None = None
+    caption_col: str | None = None
+    key_col: str | None = None
+    url_col: str | None = None
+    images_per_shard: int = Field(10_000, ge=1, description="folder: images per shard")
+    # a trial run before paying for the whole input: the corpus holds the selection only
+    shards: str | int | None = Field(None, description='shard positions: "0-9", "0,3,7-8", 4')
+    limit: int | None = Field(None, ge=1, description="the first N samples, in shard order")
+    fraction: float | None = Field(None, gt=0, le=1, description="this share of each shard's keys")
 
 
 class OutputConfig(Strict):
@@ -66,6 +78,9 @@ class EndpointConfig(Strict):
     model: str | None = None  # the model (azure: deployment) name sent; None: captioner.model
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
+    # a self-hosted server (vLLM, SGLang): requests in flight to it from each worker, so its
+    # batch stays full without queueing; None: no cap beyond limits.concurrency
+    max_in_flight: int | None = Field(None, ge=1)
 
 
 class PriceConfig(Strict):
@@ -90,7 +105,7 @@ class BatchConfig(Strict):
 
 
 class CaptionerConfig(Strict):
-    backend: Literal["analyzer", "openai", "openai-batch"] = "analyzer"
+    backend: Literal["analyzer", "openai", "openai-batch", "transformers"] = "analyzer"
     model: str | None = None  # None: the backend's default
     base_url: str | None = None  # None: $OPENAI_BASE_URL, else api.openai.com
     image: ImageConfig = ImageConfig()
@@ -102,6 +117,7 @@ class CaptionerConfig(Strict):
     api: Literal["openai", "azure"] = "openai"
     api_version: str | None = None
     endpoints: list[EndpointConfig] = []
+    max_in_flight: int | None = Field(None, ge=1)  # of the endpoint made of the keys above
     prompt: str = "dense-v1"  # a bundled prompt (recaption/prompts/NAME.md) or a file path
     # auto: JSON-schema structured output, falling back to JSON mode, then to plain text
     response_format: Literal["auto", "json_schema", "json_object", "text"] = "auto"
@@ -112,6 +128,12 @@ class CaptionerConfig(Strict):
     refusal_retries: int = Field(2, ge=0)
     price: PriceConfig | None = None  # None: the list price of `model` (pricing.PRICES)
     batch: BatchConfig = BatchConfig()  # openai-batch only
+    # transformers: a VLM saved in a local directory (never fetched from a hub)
+    model_path: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when there is one
+    batch_size: int | None = Field(None, ge=1, description="None: by free GPU memory; 4 on CPU")
+    batch_wait_ms: float = Field(20, ge=0, description="how long a batch waits to fill")
+    repetition_penalty: float = Field(1.05, ge=1.0)
 
 
 class ValidationConfig(Strict):
@@ -133,6 +155,7 @@ class RayConfig(Strict):
     address: str | None = None  # None: start a local Ray; "auto" or host:port joins a cluster
     workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0, ge=0, description="1: one worker (and model) per GPU")
 
 
 class PipelineConfig(Strict):

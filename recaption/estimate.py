@@ -26,30 +26,32 @@ from recaption.captioners import OPENAI_BACKENDS, CaptionFailure, make_captioner
 from recaption.config import PipelineConfig
 from recaption.images import ImageRejected, PreparedImage, prepare
 from recaption.pricing import price_for
-from recaption.sources import Shard, list_shards, read_samples
+from recaption.sources import Shard, input_shards, read_samples
 from recaption.validation import CaptionInvalid, validate_caption
 
 
 def count_images(shards: list[Shard]) -> tuple[int, int]:
-    """(samples, of which downloaded) from the shards' metadata; shards without metadata
-    are counted by reading them."""
+    """(samples, of which downloaded), from the shards' metadata where it tells; a shard
+    without it (a bare tar, a sampled selection) is counted by reading it."""
     samples = downloaded = 0
     for shard in shards:
-        table = shard.metadata if shard.format == "webdataset" else shard.path
-        if table is None:  # a bare tar: its members must be read
-            n = ok = 0
+        table = {"parquet": shard.path, "webdataset": shard.metadata, "files": shard.metadata}
+        table_path = table.get(shard.format)
+        if shard.format == "folder" and shard.fraction is None:
+            n = min(len(shard.members), shard.take or len(shard.members))
+            samples, downloaded = samples + n, downloaded + n
+        elif table_path is None or shard.take is not None or shard.fraction is not None:
             for sample in read_samples(shard):
-                n += 1
-                ok += sample.error is None
-            samples, downloaded = samples + n, downloaded + ok
-            continue
-        file = pq.ParquetFile(table)
-        samples += file.metadata.num_rows
-        if "status" in file.schema_arrow.names:
-            status = file.read(columns=["status"]).column("status").to_pylist()
-            downloaded += sum(s in (None, "success") for s in status)
+                samples += 1
+                downloaded += sample.error is None
         else:
-            downloaded += file.metadata.num_rows
+            file = pq.ParquetFile(table_path)
+            samples += file.metadata.num_rows
+            if "status" in file.schema_arrow.names:
+                status = file.read(columns=["status"]).column("status").to_pylist()
+                downloaded += sum(s in (None, "success") for s in status)
+            else:
+                downloaded += file.metadata.num_rows
     return samples, downloaded
 
 
@@ -74,6 +76,22 @@ def draw(shards: list[Shard], n: int, cfg: PipelineConfig) -> tuple[list[Prepare
             except ImageRejected:
                 undecodable += 1
     return images, undecodable
+
+
+async def _time_sample(captioner: Any, images: list[PreparedImage], concurrency: int) -> float:
+    """Seconds to caption the sample, `concurrency` at a time (a local VLM batches them)."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(image: PreparedImage) -> None:
+        async with gate:
+            await captioner.caption(image)
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(image) for image in images), return_exceptions=True)
+    finally:
+        await captioner.aclose()
+    return time.perf_counter() - t0
 
 
 async def _caption_sample(cfg: PipelineConfig, images: list[PreparedImage]) -> dict[str, Any]:
@@ -138,7 +156,7 @@ def estimate(
     output_tokens: int = 250,
 ) -> dict[str, Any]:
     """The projection as a dict (`--json` prints it as it is)."""
-    shards = list_shards(cfg.input.path, cfg.input.format)
+    shards = input_shards(cfg.input)
     samples, downloaded = count_images(shards)
     drawn, undecodable = draw(shards, sample, cfg)
     if not drawn:
@@ -153,14 +171,17 @@ def estimate(
         "measured": not dry,
         "backend": cfg.captioner.backend,
     }
-    if cfg.captioner.backend not in OPENAI_BACKENDS:  # offline: time only
+    if cfg.captioner.backend not in OPENAI_BACKENDS:  # on this machine: time, no cost
         captioner = make_captioner(cfg)
-        t0 = time.perf_counter()
-        for image in drawn:
-            asyncio.run(captioner.caption(image))
-        per_image = (time.perf_counter() - t0) / len(drawn)
-        out["minutes"] = round(sendable * per_image / cfg.ray.workers / 60, 2)
+        seconds = asyncio.run(_time_sample(captioner, drawn, cfg.limits.concurrency))
+        out["images_per_s"] = round(len(drawn) / seconds, 3)
+        out["minutes"] = round(sendable * seconds / len(drawn) / cfg.ray.workers / 60, 4)
         out["cost_usd"] = {"online": 0.0, "batch": 0.0}
+        if hasattr(captioner, "image_tokens"):  # a local VLM: visual tokens drive prefill
+            tokens = [captioner.image_tokens(image) for image in drawn[:20]]
+            out["image_tokens"] = round(sum(tokens) / len(tokens), 1)
+            out["image_max_side"] = cfg.captioner.image.max_side
+            out["vlm"] = captioner.describe()
         return out
 
     latency = None
@@ -220,9 +241,17 @@ def lines(result: dict[str, Any]) -> list[str]:
     ]
     if "per_image" not in result:
         out.append(
-            f"offline {result['backend']}: ~{_duration(result['minutes'])}, no API cost "
+            f"{result['backend']} on this machine: {result['images_per_s']} images/s a worker, "
+            f"~{_duration(result['minutes'])} for the input, no API cost "
             f"(measured on {result['sample']} images)"
         )
+        if "image_tokens" in result:
+            vlm = result["vlm"]
+            out.append(
+                f"{vlm['model']} on {vlm['device']} ({vlm['dtype']}, batch {vlm['batch_size']}): "
+                f"{result['image_tokens']:g} image tokens per image at image.max_side "
+                f"{result['image_max_side']}; fewer pixels, fewer tokens, faster prefill"
+            )
         return out
     per = result["per_image"]
     how = "measured on" if result["measured"] else "counted (--dry) on"

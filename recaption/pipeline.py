@@ -54,7 +54,7 @@ from recaption.journal import Journal, forget_shard
 from recaption.limits import LimiterActor
 from recaption.records import CaptionRecord, Manifest, Reason, Rejection, ShardReport, Stage
 from recaption.sinks import DATA_DIR, REJECTED_DIR, ShardWriter, load_manifest, write_manifest
-from recaption.sources import Sample, Shard, list_shards, read_samples
+from recaption.sources import Sample, Shard, input_shards, read_samples
 from recaption.validation import CaptionInvalid, validate_caption
 
 _TRUNCATION = {Reason.truncated_member, Reason.missing_from_tar}
@@ -435,6 +435,22 @@ def _guard_config_drift(cfg: PipelineConfig, manifest: Manifest) -> None:
         )
 
 
+SELECTION = ("shards", "limit", "fraction")  # input keys that pick part of the input
+
+
+def _guard_selection(cfg: PipelineConfig, manifest: Manifest) -> None:
+    """A trial run's shards hold only the samples it selected: a run with another selection
+    would take them as done."""
+    now = {key: getattr(cfg.input, key) for key in SELECTION}
+    before = {key: manifest.config.get("input", {}).get(key) for key in SELECTION}
+    if manifest.shards and now != before:
+        shown = ", ".join(f"{k}={v}" for k, v in before.items() if v is not None) or "none"
+        raise RunError(
+            f"{cfg.output.path} was made with another input selection ({shown}); "
+            "write this run to a new output folder"
+        )
+
+
 def _committed(corpus: Path, manifest: Manifest) -> set[str]:
     return {
         sid
@@ -470,7 +486,7 @@ def corpus_lock(corpus: Path) -> Iterator[None]:
 
 
 def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
-    shards = list_shards(cfg.input.path, cfg.input.format)
+    shards = input_shards(cfg.input)
     corpus = Path(cfg.output.path)
     try:
         corpus.mkdir(parents=True, exist_ok=True)
@@ -490,6 +506,7 @@ def _run(cfg: PipelineConfig, shards: list[Shard], corpus: Path, show_progress: 
         config={},
     )
     _guard_config_drift(cfg, manifest)
+    _guard_selection(cfg, manifest)
     manifest.config = redacted(cfg)
     manifest.versions = versions
     done = _committed(corpus, manifest)
@@ -509,6 +526,13 @@ def _run(cfg: PipelineConfig, shards: list[Shard], corpus: Path, show_progress: 
     with contextlib.suppress(Exception):
         expected = sum(s.expected_samples() for s in todo)
     with ray_runtime(cfg.ray):
+        if cfg.ray.gpus_per_worker:  # an actor asking for a GPU no node has would never start
+            gpus = ray.cluster_resources().get("GPU", 0)
+            if gpus < cfg.ray.gpus_per_worker:
+                raise RunError(
+                    f"ray.gpus_per_worker={cfg.ray.gpus_per_worker:g} but the Ray cluster has "
+                    f"{gpus:g} GPUs; set it to 0 to run on CPUs"
+                )
         run_id = uuid.uuid4().hex[:8]
         # one limiter per endpoint, shared by every worker of this run
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
@@ -525,7 +549,9 @@ def _run(cfg: PipelineConfig, shards: list[Shard], corpus: Path, show_progress: 
         per_worker = cfg.captioner.batch.shards_per_worker if batched else SHARDS_PER_WORKER
 
         def new_worker():
-            return ShardWorker.options(num_cpus=cfg.ray.cpus_per_worker).remote(cfg, limiters, env)
+            return ShardWorker.options(
+                num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker
+            ).remote(cfg, limiters, env)
 
         workers = [new_worker() for _ in range(n_workers)]
         # Work goes to a worker once it is up: one that cannot be placed (a full cluster, a

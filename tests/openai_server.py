@@ -151,6 +151,9 @@ class OpenAIServer:
         self.events: list[Event] = []
         self.kinds: Counter[str] = Counter()
         self.requests_seen: list[dict] = []  # request bodies, images elided, for tests
+        self.in_flight = self.peak_in_flight = 0  # chat completions being answered
+        self.connections: set = set()  # open client sockets, for kill()
+        self.dead = False
         self.storm_until = 0.0
         self.storm_retry_after = 0.0
         self.storms: list[tuple[float, float]] = []
@@ -182,6 +185,16 @@ class OpenAIServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def kill(self) -> None:
+        """Die as a crashed server does: requests in flight get no answer, open connections
+        are closed, new ones are refused."""
+        with self.lock:
+            self.dead = True
+            for connection in self.connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(2)
+        self.stop()
 
     def __enter__(self) -> OpenAIServer:
         return self.start()
@@ -413,9 +426,15 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             pass
 
         def handle(self) -> None:
+            with server.lock:
+                server.connections.add(self.connection)
             # the client went away (a killed worker): nothing to answer
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                super().handle()
+            try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError, OSError):
+                    super().handle()
+            finally:
+                with server.lock:
+                    server.connections.discard(self.connection)
 
         def _send(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
             data = json.dumps(body).encode()
@@ -502,8 +521,15 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 return self._error(400, f"Invalid request: {exc}", "invalid_request_error")
 
         def _complete(self, body: dict) -> None:
-            status, payload, headers = server.complete(body, self.path)
-            if status == 0:  # the connection is closed without an answer
+            with server.lock:
+                server.in_flight += 1
+                server.peak_in_flight = max(server.peak_in_flight, server.in_flight)
+            try:
+                status, payload, headers = server.complete(body, self.path)
+            finally:
+                with server.lock:
+                    server.in_flight -= 1
+            if status == 0 or server.dead:  # the connection is closed without an answer
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return None

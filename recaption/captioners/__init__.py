@@ -97,6 +97,10 @@ def make_captioner(cfg: PipelineConfig, limiters: dict[str, Any] | None = None) 
         from recaption.captioners.batch import BatchCaptioner
 
         return BatchCaptioner(cfg, limiters)
+    if cfg.captioner.backend == "transformers":
+        from recaption.captioners.local import TransformersCaptioner
+
+        return TransformersCaptioner(cfg.captioner)
     raise ValueError(f"unknown captioner.backend {cfg.captioner.backend!r}")
 
 
@@ -106,6 +110,12 @@ def captioner_identity(cfg: PipelineConfig) -> tuple[str, str, str]:
         from recaption.captioners.analyzer import DEFAULT_MODEL, VERSION
 
         return "analyzer", cfg.captioner.model or DEFAULT_MODEL, VERSION
+    if cfg.captioner.backend == "transformers":
+        from recaption.captioners.local import check_model_path
+        from recaption.captioners.openai import load_prompt
+
+        model = cfg.captioner.model or check_model_path(cfg.captioner).name
+        return "transformers", model, load_prompt(cfg.captioner.prompt)[0]
     from recaption.captioners.openai import DEFAULT_MODEL, load_prompt
 
     model = cfg.captioner.model or DEFAULT_MODEL
@@ -128,6 +138,10 @@ async def preflight(cfg: PipelineConfig) -> None:
         from recaption.captioners.openai import preflight as openai_preflight
 
         await openai_preflight(cfg.captioner, cfg.limits)
+    if cfg.captioner.backend == "transformers":
+        from recaption.captioners.local import check_model_path
+
+        check_model_path(cfg.captioner)
 
 
 def worker_env(cfg: PipelineConfig) -> dict[str, str]:

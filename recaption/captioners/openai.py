@@ -94,6 +94,7 @@ def endpoint_configs(cfg: CaptionerConfig, limits: LimitsConfig) -> list[Endpoin
             api_version=cfg.api_version,
             rpm=limits.rpm,
             tpm=limits.tpm,
+            max_in_flight=cfg.max_in_flight,
         )
     ]
 
@@ -187,6 +188,8 @@ class Endpoint:
         self.fallback = cfg.response_format == "auto"
         self.failures = 0
         self.benched_until = 0.0
+        self.probing = False
+        self.in_flight = 0  # this worker's requests to it now; capped by max_in_flight
         self._client: openai.AsyncOpenAI | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -204,7 +207,27 @@ class Endpoint:
             self._client = self._loop = None
 
     def healthy(self, now: float) -> bool:
-        return now >= self.benched_until
+        return now >= self.benched_until and not self.probing
+
+    @property
+    def slots(self) -> float:
+        """Requests it may still take from this worker now."""
+        cap = self.config.max_in_flight
+        return float("inf") if cap is None else cap - self.in_flight
+
+    async def probe(self) -> None:
+        """Back from the bench only if it answers GET /models (no tokens); else benched again,
+        so no image spends an attempt on a server that is still down."""
+        self.probing = True
+        try:
+            await self.client.models.list(timeout=5)
+            self.benched_until = 0.0
+        except openai.APIStatusError:
+            self.benched_until = 0.0  # it answered: some servers have no /models
+        except openai.APIError:
+            self.benched_until = time.monotonic() + BENCH_S
+        finally:
+            self.probing = False
 
     def record(self, transport_ok: bool) -> None:
         if transport_ok:
@@ -229,20 +252,31 @@ class EndpointPool:
         self.endpoints = endpoints
 
     async def acquire(self, tokens: int) -> tuple[Endpoint, Permit]:
-        """A permit from a healthy endpoint, the one with the most free quota first."""
+        """A permit from a healthy endpoint with room, the one with the most free quota (or,
+        for self-hosted servers, the most free in-flight slots) first."""
         while True:
             now = time.monotonic()
+            for endpoint in self.endpoints:
+                if (
+                    endpoint.benched_until
+                    and now >= endpoint.benched_until
+                    and not endpoint.probing
+                ):
+                    await endpoint.probe()
             healthy = [e for e in self.endpoints if e.healthy(now)]
             if not healthy:  # all benched: wait for the first to come back
-                await asyncio.sleep(min(min(e.benched_until for e in self.endpoints) - now, 1.0))
+                soonest = min(e.benched_until for e in self.endpoints) - now
+                await asyncio.sleep(min(max(soonest, 0.05), 1.0))
                 continue
             waits = []
-            for endpoint in sorted(healthy, key=lambda e: -e.quota.free):
+            with_room = [e for e in healthy if e.slots > 0]
+            for endpoint in sorted(with_room, key=lambda e: (-e.quota.free, -e.slots)):
                 got = await endpoint.quota.try_acquire(tokens)
                 if isinstance(got, Permit):
                     return endpoint, got
                 waits.append(got)
-            await asyncio.sleep(min(max(min(waits), 0.005), 1.0))
+            # no room anywhere: a slot frees when a reply comes, so look again soon
+            await asyncio.sleep(min(max(min(waits, default=0.005), 0.005), 1.0))
 
 
 # --- the captioner ----------------------------------------------------------------------------
@@ -466,6 +500,13 @@ class OpenAICaptioner:
         text_tokens = len(self.prompt_with_schema) // 3 + 40
         estimate = text_tokens + tries.image_tokens + tries.max_tokens
         endpoint, permit = await self.pool.acquire(estimate)
+        endpoint.in_flight += 1
+        try:
+            return await self._send(endpoint, permit, tries)
+        finally:
+            endpoint.in_flight -= 1
+
+    async def _send(self, endpoint: Endpoint, permit: Permit, tries: Tries) -> Caption:
         tries.attempts += 1
         self._count(tries, "requests")
         request = self._request(endpoint, tries)

@@ -6,13 +6,15 @@ that every key of the shard is accounted for downstream.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import pyarrow.parquet as pq
 
+from recaption.config import InputConfig
 from recaption.records import Reason
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -23,15 +25,33 @@ class InputError(Exception):
 
 
 @dataclass(frozen=True)
+class Columns:
+    """Which column of a parquet table is which (Hugging Face datasets name them as they
+    like); None: found by the usual names."""
+
+    image: str | None = None  # binary, or a struct with a `bytes` field
+    caption: str | None = None  # the alt text
+    key: str | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
 class Shard:
     id: str  # the file stem, e.g. "00012"; the output shard gets the same id
-    path: Path
-    format: Literal["webdataset", "parquet"]
-    metadata: Path | None = None  # img2dataset's sibling NNNNN.parquet for a webdataset shard
+    path: Path  # the tar, parquet or folder
+    format: Literal["webdataset", "files", "parquet", "folder"]
+    metadata: Path | None = None  # img2dataset's sibling NNNNN.parquet (webdataset, files)
+    columns: Columns = Columns()  # parquet
+    members: tuple[str, ...] = ()  # folder: this shard's images, relative to `path`
+    take: int | None = None  # input.limit: read only this many samples
+    fraction: float | None = None  # input.fraction: keep this share of keys (by hash)
 
     def expected_samples(self) -> int | None:
-        """Rows in the shard's metadata parquet (from the footer, no data read), if any."""
-        table = self.metadata if self.format == "webdataset" else self.path
+        """Samples in the shard, from its metadata (a parquet footer) or listing; None if
+        only reading it would tell (a tar without its parquet)."""
+        if self.format == "folder":
+            return len(self.members)
+        table = self.path if self.format == "parquet" else self.metadata
         return pq.ParquetFile(table).metadata.num_rows if table else None
 
 
@@ -45,48 +65,129 @@ class Sample:
     error: tuple[Reason, str] | None = None  # set when the sample failed at the read stage
 
 
-def list_shards(root: str | Path, fmt: str = "auto") -> list[Shard]:
+def list_shards(
+    root: str | Path,
+    fmt: str = "auto",
+    columns: Columns = Columns(),
+    images_per_shard: int = 10_000,
+) -> list[Shard]:
+    """The input's shards, sorted by id. `auto` finds img2dataset output (NNNNN.tar,
+    NNNNN.parquet, NNNNN/ folders) and, failing that, a plain folder of images."""
     root = Path(root)
     if not root.exists():
         raise InputError(f"input path does not exist: {root}")
     if not root.is_dir():
         raise InputError(f"input path is not a folder: {root}")
     try:
-        names = {p.name: p for p in root.iterdir() if p.is_file()}
+        entries = list(root.iterdir())
     except OSError as exc:
         raise InputError(f"cannot read input folder {root}: {exc.strerror or exc}") from None
+    files = {p.name: p for p in entries if p.is_file()}
+    tars = {p.stem: p for n, p in files.items() if n.endswith(".tar")}
+    parquets = {p.stem: p for n, p in files.items() if n.endswith(".parquet")}
+    # img2dataset `files` output: NNNNN/ beside NNNNN.parquet
+    folders = {p.name: p for p in entries if p.is_dir() and (fmt == "files" or p.name in parquets)}
 
     shards: list[Shard] = []
-    tars = {p.stem: p for n, p in names.items() if n.endswith(".tar")}
-    parquets = {p.stem: p for n, p in names.items() if n.endswith(".parquet")}
     if fmt in ("auto", "webdataset"):
         shards += [Shard(sid, p, "webdataset", parquets.get(sid)) for sid, p in tars.items()]
+    if fmt in ("auto", "files"):
+        shards += [Shard(sid, p, "files", parquets.get(sid)) for sid, p in folders.items()]
     if fmt in ("auto", "parquet"):
-        # A parquet next to a tar of the same id is that tar's metadata, not a shard of its own.
+        # A parquet beside a tar or folder of the same id is its metadata, not a shard.
         shards += [
-            Shard(sid, p, "parquet")
+            Shard(sid, p, "parquet", columns=columns)
             for sid, p in parquets.items()
-            if fmt == "parquet" or sid not in tars
+            if fmt == "parquet" or (sid not in tars and sid not in folders)
         ]
+    if fmt == "folder" or (fmt == "auto" and not shards):
+        shards = _image_folder_shards(root, images_per_shard)
     if not shards:
-        raise InputError(f"no shards (NNNNN.tar or NNNNN.parquet) found in {root}")
+        raise InputError(f"no shards (NNNNN.tar, NNNNN.parquet, NNNNN/) or images found in {root}")
     return sorted(shards, key=lambda s: s.id)
+
+
+def _image_folder_shards(root: Path, per_shard: int) -> list[Shard]:
+    """A plain folder of images, at any depth, cut into shards of `per_shard` in path order
+    (so a re-run over the same folder makes the same shards)."""
+    images = sorted(
+        path.relative_to(root).as_posix()
+        for path in root.rglob("*")
+        if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and path.is_file()
+    )
+    return [
+        Shard(f"{i // per_shard:05d}", root, "folder", members=tuple(images[i : i + per_shard]))
+        for i in range(0, len(images), per_shard)
+    ]
 
 
 def read_samples(shard: Shard) -> Iterator[Sample]:
     """Every sample of the shard, once; a key repeated inside the shard comes back as a
     `duplicate_key` error after its first occurrence."""
-    if shard.format == "webdataset":
+    if shard.format in ("webdataset", "files"):
         from recaption.sources.webdataset import read_webdataset as reader
+    elif shard.format == "folder":
+        from recaption.sources.folder import read_folder as reader
     else:
         from recaption.sources.parquet import read_parquet as reader
     seen: set[str] = set()
-    for sample in reader(shard):
+    for n, sample in enumerate(reader(shard)):
+        if shard.take is not None and n >= shard.take:
+            break
+        if shard.fraction is not None and _share(shard.id, sample.key) >= shard.fraction:
+            continue
         if sample.key in seen:
             sample.error = (Reason.duplicate_key, "key already seen earlier in this shard")
             sample.image = None
         seen.add(sample.key)
         yield sample
+
+
+def _share(shard: str, key: str) -> float:
+    """A key's place in [0, 1), the same on every run and machine."""
+    digest = hashlib.blake2b(f"{shard}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def input_shards(cfg: InputConfig) -> list[Shard]:
+    """The shards `cfg` asks for: listed, then narrowed by `shards`, `limit`, `fraction`."""
+    columns = Columns(cfg.image_col, cfg.caption_col, cfg.key_col, cfg.url_col)
+    shards = list_shards(cfg.path, cfg.format, columns, cfg.images_per_shard)
+    if cfg.shards:
+        wanted = _positions(str(cfg.shards), len(shards))
+        shards = [s for i, s in enumerate(shards) if i in wanted]
+    if cfg.fraction is not None:
+        shards = [replace(s, fraction=cfg.fraction) for s in shards]
+    if cfg.limit is not None:
+        left, limited = cfg.limit, []
+        for shard in shards:
+            if left <= 0:
+                break
+            n = shard.expected_samples()
+            if n is None:  # a tar without its parquet: count by reading
+                n = sum(1 for _ in read_samples(shard))
+            limited.append(replace(shard, take=left) if left < n else shard)
+            left -= n
+        shards = limited
+    if not shards:
+        raise InputError(f"input.shards={cfg.shards!r} selects none of {cfg.path}'s shards")
+    return shards
+
+
+def _positions(spec: str, count: int) -> set[int]:
+    """ "0-9,12" -> {0, ..., 9, 12}: positions in the sorted shard list."""
+    wanted: set[int] = set()
+    try:
+        for part in spec.split(","):
+            first, _, last = part.strip().partition("-")
+            wanted.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise InputError(
+            f'input.shards={spec!r}: expected positions like "0-9" or "0,3,7-8"'
+        ) from None
+    if not wanted or max(wanted) >= count:
+        raise InputError(f"input.shards={spec!r}: the input has {count} shards (0-{count - 1})")
+    return wanted
 
 
 def status_error(status: str | None, message: str | None) -> tuple[Reason, str] | None:

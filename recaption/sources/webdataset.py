@@ -1,4 +1,5 @@
-"""img2dataset `webdataset` shards: NNNNN.tar (+ NNNNN.parquet metadata, + NNNNN_stats.json).
+"""img2dataset `webdataset` shards: NNNNN.tar (+ NNNNN.parquet metadata, + NNNNN_stats.json),
+and its `files` shards: a folder NNNNN/ holding the same members as files.
 
 The tar is streamed member by member (never extracted to disk, so a member named
 `../../x.jpg` is only a key). Members of one sample are consecutive, as webdataset writes them.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow.parquet as pq
 
@@ -58,6 +59,20 @@ def _to_sample(shard: Shard, key: str, members: dict[str, bytes], meta: dict) ->
     return sample
 
 
+def _members(shard: Shard) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(name, read) of each file of the shard, in order: a tar's members, or the files of a
+    folder (img2dataset's `files` output, where a shard is the folder NNNNN/). `read` is
+    called before the next member: a cut tar fails there, on the member it cuts."""
+    if shard.format == "files":
+        for path in sorted(p for p in shard.path.iterdir() if p.is_file()):
+            yield path.name, path.read_bytes
+        return
+    with tarfile.open(shard.path, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile():
+                yield member.name, tar.extractfile(member).read
+
+
 def read_webdataset(shard: Shard) -> Iterator[Sample]:
     metadata = _load_metadata(shard)
     seen: set[str] = set()
@@ -69,16 +84,13 @@ def read_webdataset(shard: Shard) -> Iterator[Sample]:
         return _to_sample(shard, key, members, metadata.get(key, {}))
 
     try:
-        with tarfile.open(shard.path, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                member_key, ext = split_member_name(member.name)
-                if key is not None and (member_key != key or ext in members):
-                    yield flush()
-                    members = {}
-                key = member_key
-                members[ext] = tar.extractfile(member).read()
+        for name, read in _members(shard):
+            member_key, ext = split_member_name(name)
+            if key is not None and (member_key != key or ext in members):
+                yield flush()
+                members = {}
+            key = member_key
+            members[ext] = read()
     except (tarfile.TarError, EOFError, OSError) as exc:
         # The tar is cut or corrupt. Every sample before this one was yielded complete;
         # this one may be missing members, so it is rejected rather than guessed at.
