@@ -114,18 +114,12 @@ def cmd_download(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, ImportError) as exc:
         raise ConfigError(str(exc)) from None
     failed = totals["count"] - totals["successes"]
+    why = ", ".join(f"{error} {n}" for error, n in totals.get("errors", {}).items())
     print(
         f"recaption: {totals['count']} URLs in {totals['shards']} shards: "
-        f"{totals['successes']} downloaded, {failed} failed"
-        + (
-            f" ({', '.join(f'{k} {v}' for k, v in totals.get('errors', {}).items())})"
-            if failed
-            else ""
-        )
+        f"{totals['successes']} downloaded, {failed} failed" + (f" ({why})" if why else "")
     )
-    print(
-        f"recaption: shards in {args.dir}; failed URLs are kept there and become download_failed rows"
-    )
+    print(f"recaption: shards in {args.dir}; `recaption run` counts failed URLs as download_failed")
     return 0
 
 

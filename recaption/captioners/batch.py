@@ -106,8 +106,7 @@ class _Key:
 
     def __init__(self, tries: Tries):
         self.tries = tries
-        self.answer: Answer | None = None  # final
-        self.retry: tuple[Reason, str] | None = None  # worth another try, and why
+        self.answer: Answer | None = None  # final; None: due again, unless a live batch has it
         self.invalid: Caption | None = None  # the last caption validation refused
 
 
@@ -119,7 +118,7 @@ class BatchCaptioner(OpenAICaptioner):
         self.batch = cfg.captioner.batch
         self.validation = cfg.validation
         self.corpus = Path(cfg.output.path)
-        self.online_price, self.batch_price = self.price, self.price.batch()
+        self.batch_price = self.price.batch()  # online retries keep self.price
         self.endpoint = self.pool.endpoints[0]  # batches go to the first endpoint
         azure = self.endpoint.config.api == "azure"
         self.url = "/chat/completions" if azure else "/v1/chat/completions"
@@ -330,11 +329,11 @@ class BatchCaptioner(OpenAICaptioner):
         part.usage = usage
 
     def _take(self, known: _Key, line: dict | None, missing: str) -> None:
-        """One attempt's outcome: final (answer) or worth another try (retry)."""
+        """One attempt's outcome: final (`answer` set) or due again (`answer` left None)."""
         tries = known.tries
         tries.attempts += 1
         self._count(tries, "requests")
-        known.retry, known.invalid = None, None
+        known.invalid = None
         response = (line or {}).get("response") or {}
         status = response.get("status_code")
         try:
@@ -365,8 +364,7 @@ class BatchCaptioner(OpenAICaptioner):
             known.answer = self._result(caption, tries)
         except CaptionFailure as exc:  # a refusal or truncation out of its own budget
             known.answer = exc
-        except Retry as exc:
-            known.retry = (exc.reason, exc.detail)
+        except Retry as exc:  # due again, unless that was its last attempt
             if tries.attempts >= self.cfg.max_attempts:  # out of attempts: final
                 known.answer = (
                     self._result(known.invalid, tries)  # the pipeline rejects it with its reason
