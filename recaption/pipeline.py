@@ -486,6 +486,7 @@ def corpus_lock(corpus: Path) -> Iterator[None]:
 
 
 def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
+    captioner_identity(cfg)  # a captioner config that cannot work fails before any write
     shards = input_shards(cfg.input)
     corpus = Path(cfg.output.path)
     try:

@@ -126,13 +126,17 @@ def test_json_replies_fill_every_field_and_prose_falls_back():
 
 def test_a_missing_model_or_gpu_is_one_clear_error(ray_cluster, tiny_vlm, sample_shards, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "recaption.cli", "run", "--pipeline", "pipelines/local-vlm.yaml"],
+        [
+            *(sys.executable, "-m", "recaption.cli", "run", "--pipeline"),
+            *("pipelines/local-vlm.yaml", "--input", str(sample_shards)),
+            *("--output", str(tmp_path / "never")),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2 and "captioner.model_path" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "never").exists()
     cfg = local_config(tiny_vlm, sample_shards, tmp_path / "c", "ray.gpus_per_worker=1")
     with pytest.raises(RunError, match="0 GPUs"):
         run(cfg, show_progress=False)
