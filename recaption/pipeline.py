@@ -1,12 +1,14 @@
 """The job: input shards in, corpus shards out, on Ray.
 
-run() ── list_shards ── skip shards in the manifest ── preflight ── LimiterActor per endpoint
-      ── ShardWorker actors (two shards queued each; a dead worker's shards go back in line)
+run() ── input_shards ── skip shards in the manifest ── preflight ── LimiterActor per endpoint
+      ── ShardWorker actors (two shards queued each, 16 in batch mode; a dead worker's
+         shards go back in line)
 ShardWorker.process(shard) = process_shard_async():
-    read_samples ─▶ prepare ─▶ [journal has it? replay] ─▶ captioner.caption
+    [a batch backend first settles the shard's answers through the Batch API]
+    read_samples ─▶ prepare ─▶ [journal has it? replay] ─▶ captioner.caption (or its answer)
                  ─▶ validate_caption ─▶ ShardWriter + Journal
                       │ every failure becomes a Rejection row, never a crash
-the driver records each committed shard in manifest.json, then drops its journal.
+the driver records each committed shard in manifest.json, then drops its resume state.
 """
 
 from __future__ import annotations
