@@ -154,10 +154,11 @@ def cmd_batches(args: argparse.Namespace) -> int:
     import asyncio
 
     from recaption.captioners.batch import batch_table
+    from recaption.sinks import CorpusStore
 
-    corpus = Path(args.corpus)
-    if not corpus.is_dir():
-        raise ConfigError(f"no corpus at {corpus}")
+    corpus = CorpusStore(args.corpus)  # for a corpus in a store, its batch ids are staged here
+    if not corpus.local.is_dir():
+        raise ConfigError(f"no corpus at {args.corpus}")
     for line in asyncio.run(batch_table(corpus, cancel=args.cancel)):
         print(line)
     return 0

@@ -44,7 +44,10 @@ class InputConfig(Strict):
 
 
 class OutputConfig(Strict):
-    path: str = "data/corpus"
+    path: str = "data/corpus"  # a folder, or a URI (s3://bucket/corpus, gs://...)
+    # a corpus in object storage is written through this local folder (resume state, files
+    # being written); None: ~/.cache/recaption/staging/<hash of path>
+    staging: str | None = None
     store_images: bool = True
     row_group_size: int = Field(
         256, ge=1, description="rows buffered before a Parquet row group is flushed"

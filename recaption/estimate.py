@@ -20,8 +20,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from recaption.captioners import OPENAI_BACKENDS, CaptionFailure, make_captioner
 from recaption.config import PipelineConfig
 from recaption.images import ImageRejected, PreparedImage, prepare
@@ -45,7 +43,7 @@ def count_images(shards: list[Shard]) -> tuple[int, int]:
                 samples += 1
                 downloaded += sample.error is None
         else:
-            file = pq.ParquetFile(table_path)
+            file = shard.parquet(table_path)
             samples += file.metadata.num_rows
             if "status" in file.schema_arrow.names:
                 status = file.read(columns=["status"]).column("status").to_pylist()

@@ -55,8 +55,16 @@ from recaption.images import ImageRejected, PreparedImage, prepare
 from recaption.journal import Journal, forget_shard
 from recaption.limits import LimiterActor
 from recaption.records import CaptionRecord, Manifest, Reason, Rejection, ShardReport, Stage
-from recaption.sinks import DATA_DIR, REJECTED_DIR, ShardWriter, load_manifest, write_manifest
+from recaption.sinks import (
+    DATA_DIR,
+    REJECTED_DIR,
+    CorpusStore,
+    ShardWriter,
+    load_manifest,
+    write_manifest,
+)
 from recaption.sources import Sample, Shard, input_shards, read_samples
+from recaption.storage import storage_env
 from recaption.validation import CaptionInvalid, validate_caption
 
 _TRUNCATION = {Reason.truncated_member, Reason.missing_from_tar}
@@ -106,10 +114,10 @@ async def process_shard_async(
 ) -> ShardReport:
     """`in_flight` bounds the images being captioned; a worker shares one across its shards."""
     started = time.perf_counter()
-    corpus = Path(cfg.output.path)
-    writer = ShardWriter(corpus, shard.id, cfg.output.row_group_size)
+    store = CorpusStore(cfg.output.path, cfg.output.staging)
+    writer = ShardWriter(store, shard.id, cfg.output.row_group_size)
     # what an earlier, unfinished run of this shard already answered
-    journal = Journal(corpus, shard.id, enabled=cfg.output.journal)
+    journal = Journal(store.local, shard.id, enabled=cfg.output.journal)
     resumed = 0
     timings: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
@@ -365,7 +373,7 @@ def ray_runtime(rc: RayConfig) -> Iterator[None]:
 
 @dataclass
 class RunSummary:
-    corpus: Path
+    corpus: str
     shards: int
     skipped: int
     finished: list[ShardReport] = field(default_factory=list)
@@ -453,12 +461,12 @@ def _guard_selection(cfg: PipelineConfig, manifest: Manifest) -> None:
         )
 
 
-def _committed(corpus: Path, manifest: Manifest) -> set[str]:
+def _committed(store: CorpusStore, manifest: Manifest) -> set[str]:
     return {
         sid
         for sid in manifest.shards
-        if (corpus / DATA_DIR / f"{sid}.parquet").exists()
-        and (corpus / REJECTED_DIR / f"{sid}.parquet").exists()
+        if store.exists(f"{DATA_DIR}/{sid}.parquet")
+        and store.exists(f"{REJECTED_DIR}/{sid}.parquet")
     }
 
 
@@ -490,19 +498,23 @@ def corpus_lock(corpus: Path) -> Iterator[None]:
 def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
     captioner_identity(cfg)  # a captioner config that cannot work fails before any write
     shards = input_shards(cfg.input)
-    corpus = Path(cfg.output.path)
     try:
-        corpus.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"cannot create output folder {corpus}: {exc.strerror or exc}") from None
-    with corpus_lock(corpus):
-        return _run(cfg, shards, corpus, show_progress)
+        store = CorpusStore(cfg.output.path, cfg.output.staging)
+        store.local.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise RunError(f"cannot use output {cfg.output.path}: {reason}") from None
+    # one run at a time per corpus on this machine; an object store has no locks to take
+    with corpus_lock(store.local):
+        return _run(cfg, shards, store, show_progress)
 
 
-def _run(cfg: PipelineConfig, shards: list[Shard], corpus: Path, show_progress: bool) -> RunSummary:
+def _run(
+    cfg: PipelineConfig, shards: list[Shard], store: CorpusStore, show_progress: bool
+) -> RunSummary:
     started = time.perf_counter()
     now, versions = datetime.now(UTC), _versions()
-    manifest = load_manifest(corpus) or Manifest(
+    manifest = load_manifest(store) or Manifest(
         recaption_version=versions.get("recaption", "0"),
         created_at=now,
         updated_at=now,
@@ -512,11 +524,11 @@ def _run(cfg: PipelineConfig, shards: list[Shard], corpus: Path, show_progress: 
     _guard_selection(cfg, manifest)
     manifest.config = redacted(cfg)
     manifest.versions = versions
-    done = _committed(corpus, manifest)
+    done = _committed(store, manifest)
     for sid in done:  # left behind by a run stopped between the manifest and the cleanup
-        forget_shard(corpus, sid)
+        forget_shard(store.local, sid)
     todo = deque(s for s in shards if s.id not in done)
-    summary = RunSummary(corpus=corpus, shards=len(shards), skipped=len(shards) - len(todo))
+    summary = RunSummary(corpus=store.path, shards=len(shards), skipped=len(shards) - len(todo))
     if not todo:
         summary.seconds = time.perf_counter() - started
         return summary
@@ -545,7 +557,7 @@ def _run(cfg: PipelineConfig, shards: list[Shard], corpus: Path, show_progress: 
             ).remote(rpm, tpm)
             for name, (rpm, tpm) in metered_endpoints(cfg).items()
         }
-        env = worker_env(cfg)
+        env = worker_env(cfg) | storage_env()  # API keys and object-store credentials
         n_workers = min(cfg.ray.workers, len(todo))
         # shards queued on a worker at once; a shard in a batch mostly waits, so many more
         batched = cfg.captioner.backend == "openai-batch"
@@ -621,8 +633,8 @@ def _run(cfg: PipelineConfig, shards: list[Shard], corpus: Path, show_progress: 
                             summary.failed[shard.id] = _error_line(exc)
                     else:
                         manifest.shards[shard.id] = report
-                        write_manifest(corpus, manifest)
-                        forget_shard(corpus, shard.id)  # only now: the shard is on record
+                        write_manifest(store, manifest)
+                        forget_shard(store.local, shard.id)  # only now: the shard is on record
                         summary.finished.append(report)
                     submit(slot)
                 if show_progress:

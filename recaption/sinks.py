@@ -3,19 +3,28 @@
 A shard's files are written under temporary names, in row groups as rows arrive (memory
 stays bounded by the row group, not the shard), fsync'd, and renamed into place only
 when the shard is complete. The manifest is replaced atomically after that.
+
+A corpus in object storage (`output.path: s3://...`) is staged: the same files, the
+journal and batch ids are written in a local staging folder, and a committed shard's two
+files are then put whole into the store (an object appears complete or not at all) before
+the manifest that lists them, which is put last.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from recaption.records import DATA_SCHEMA, REJECTED_SCHEMA, CaptionRecord, Manifest, Rejection
+from recaption.storage import filesystem
 
 DATA_DIR = "data"
 REJECTED_DIR = "rejected"
@@ -28,6 +37,58 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class CorpusStore:
+    """Where a corpus lives. `local` is the folder written directly: the corpus itself, or
+    for a corpus in object storage the staging folder (resume state, files being written)."""
+
+    def __init__(self, path: str | Path, staging: str | Path | None = None):
+        self.path = str(path)
+        self.fs, self.root = filesystem(self.path)
+        if self.fs is None:
+            self.local = Path(self.root)
+        elif staging:
+            self.local = Path(staging)
+        else:  # the same folder for the same corpus on every node and every run
+            digest = hashlib.sha256(self.path.split("?")[0].encode()).hexdigest()[:16]
+            self.local = Path("~/.cache/recaption/staging").expanduser() / digest
+
+    def exists(self, relative: str) -> bool:
+        if self.fs is None:
+            return (self.local / relative).exists()
+        return self.fs.get_file_info(f"{self.root}/{relative}").type == pafs.FileType.File
+
+    def publish(self, staged: Path, relative: str) -> None:
+        """Put a finished local file into the store whole, then drop the local copy."""
+        if self.fs is None:
+            return  # it is in place already
+        with (
+            open(staged, "rb") as src,
+            self.fs.open_output_stream(f"{self.root}/{relative}") as dst,
+        ):
+            shutil.copyfileobj(src, dst, 8 << 20)
+        staged.unlink()
+
+    def read_text(self, relative: str) -> str | None:
+        if not self.exists(relative):
+            return None
+        if self.fs is None:
+            return (self.local / relative).read_text()
+        with self.fs.open_input_stream(f"{self.root}/{relative}") as fh:
+            return fh.read().decode()
+
+    def write_text(self, relative: str, text: str) -> None:
+        """Replace a file whole: rename on disk, one put in a store."""
+        tmp = self.local / f".{relative}.tmp"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        if self.fs is None:
+            os.replace(tmp, self.local / relative)
+        else:
+            self.publish(tmp, relative)
 
 
 class _PartWriter:
@@ -69,11 +130,11 @@ class _PartWriter:
 
 
 class ShardWriter:
-    def __init__(self, corpus: Path, shard: str, row_group_size: int = 256):
-        self.data = _PartWriter(corpus / DATA_DIR / f"{shard}.parquet", DATA_SCHEMA, row_group_size)
-        self.rejected = _PartWriter(
-            corpus / REJECTED_DIR / f"{shard}.parquet", REJECTED_SCHEMA, row_group_size
-        )
+    def __init__(self, corpus: CorpusStore, shard: str, row_group_size: int = 256):
+        self.store = corpus
+        self.names = (f"{DATA_DIR}/{shard}.parquet", f"{REJECTED_DIR}/{shard}.parquet")
+        self.data = _PartWriter(corpus.local / self.names[0], DATA_SCHEMA, row_group_size)
+        self.rejected = _PartWriter(corpus.local / self.names[1], REJECTED_SCHEMA, row_group_size)
 
     def add(self, record: CaptionRecord) -> None:
         self.data.add(record.model_dump())
@@ -86,18 +147,24 @@ class ShardWriter:
         self.rejected.commit()
         _fsync_dir(self.data.final.parent)
         _fsync_dir(self.rejected.final.parent)
+        for part, name in zip((self.data, self.rejected), self.names, strict=True):
+            self.store.publish(part.final, name)
 
     def abort(self) -> None:
         self.data.abort()
         self.rejected.abort()
 
 
-def load_manifest(corpus: Path) -> Manifest | None:
-    path = corpus / MANIFEST
-    return Manifest.model_validate_json(path.read_text()) if path.exists() else None
+def _store(corpus: Path | CorpusStore) -> CorpusStore:
+    return corpus if isinstance(corpus, CorpusStore) else CorpusStore(corpus)
 
 
-def write_manifest(corpus: Path, manifest: Manifest) -> None:
+def load_manifest(corpus: Path | CorpusStore) -> Manifest | None:
+    text = _store(corpus).read_text(MANIFEST)
+    return Manifest.model_validate_json(text) if text is not None else None
+
+
+def write_manifest(corpus: Path | CorpusStore, manifest: Manifest) -> None:
     manifest.updated_at = datetime.now(UTC)
     shards = manifest.shards.values()
     by_reason: Counter[str] = Counter()
@@ -118,8 +185,4 @@ def write_manifest(corpus: Path, manifest: Manifest) -> None:
         "requests": sum(r.requests for r in shards),
         "request_outcomes": dict(sorted(outcomes.items())),
     }
-    tmp = corpus / f".{MANIFEST}.tmp"
-    tmp.write_text(manifest.model_dump_json(indent=2))
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, corpus / MANIFEST)
+    _store(corpus).write_text(MANIFEST, manifest.model_dump_json(indent=2))

@@ -81,6 +81,7 @@ def test_the_page_in_headless_chromium(corpus):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
 
     report = json.loads((corpus / "report" / "report.json").read_text())
     options = webdriver.ChromeOptions()
@@ -97,10 +98,10 @@ def test_the_page_in_headless_chromium(corpus):
         driver.execute_script("document.querySelectorAll('img').forEach(i => i.loading = 'eager')")
         images = driver.find_elements(By.TAG_NAME, "img")
         assert len(images) == 30 + len(list((corpus / "report").glob("*.png")))
-        loaded = driver.execute_script(
-            "return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)"
+        every_loaded = (
+            "return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
         )
-        assert all(loaded)
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script(every_loaded))
         # the numbers on the page are report.json's
         stats = driver.find_elements(By.CSS_SELECTOR, "[data-stat]")
         assert len(stats) > 20

@@ -40,6 +40,7 @@ from recaption.config import EndpointConfig, PipelineConfig, redacted
 from recaption.images import ImageRejected, PreparedImage, prepare
 from recaption.journal import batch_state_path
 from recaption.records import Caption, Reason
+from recaption.sinks import CorpusStore
 from recaption.sources import Shard, read_samples
 from recaption.validation import CaptionInvalid, validate_caption
 
@@ -117,7 +118,7 @@ class BatchCaptioner(OpenAICaptioner):
         super().__init__(cfg.captioner, cfg.limits, limiters)
         self.batch = cfg.captioner.batch
         self.validation = cfg.validation
-        self.corpus = Path(cfg.output.path)
+        self.corpus = CorpusStore(cfg.output.path, cfg.output.staging).local  # where state lives
         self.batch_price = self.price.batch()  # online retries keep self.price
         self.endpoint = self.pool.endpoints[0]  # batches go to the first endpoint
         azure = self.endpoint.config.api == "azure"
@@ -376,7 +377,7 @@ class BatchCaptioner(OpenAICaptioner):
 # -- `recaption batches` ------------------------------------------------------------------------
 
 
-async def batch_table(corpus: Path, cancel: bool = False) -> list[str]:
+async def batch_table(corpus: CorpusStore, cancel: bool = False) -> list[str]:
     """What the corpus's unfinished shards have in batches, refreshed from the API where
     credentials allow; with `cancel`, live batches are cancelled first. Answers already in
     a cancelled batch are kept: the next run writes them and submits only the rest."""
@@ -387,7 +388,7 @@ async def batch_table(corpus: Path, cancel: bool = False) -> list[str]:
 
     rows, statuses, note = [], {}, ""
     spent = 0.0
-    for path in sorted((corpus / BATCHES_DIR).glob("*.json")):
+    for path in sorted((corpus.local / BATCHES_DIR).glob("*.json")):
         state = load_state(path)
         if state is None:
             continue

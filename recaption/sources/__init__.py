@@ -2,20 +2,25 @@
 
 A reader never raises on bad samples: it yields a `Sample` carrying a read-stage error, so
 that every key of the shard is accounted for downstream.
+
+The input may be a local folder or any URI `storage.filesystem` opens (`s3://`, `gs://`,
+`hf://` ...); a remote shard carries its filesystem.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, BinaryIO, Literal
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from recaption.config import InputConfig
 from recaption.records import Reason
+from recaption.storage import filesystem
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 
@@ -45,6 +50,25 @@ class Shard:
     members: tuple[str, ...] = ()  # folder: this shard's images, relative to `path`
     take: int | None = None  # input.limit: read only this many samples
     fraction: float | None = None  # input.fraction: keep this share of keys (by hash)
+    fs: Any = field(default=None, compare=False)  # a remote shard's pyarrow filesystem
+
+    def open(self, path: Path | None = None, stream: bool = False) -> BinaryIO:
+        """A file of the shard (its own path by default), local or remote. `stream`: read
+        front to back only (a tar), which object stores serve without seeking."""
+        target = str(path or self.path)
+        if self.fs is None:
+            return open(target, "rb")
+        return self.fs.open_input_stream(target) if stream else self.fs.open_input_file(target)
+
+    def listdir(self) -> list[Path]:
+        """The files of a folder shard (img2dataset `files`), sorted."""
+        if self.fs is None:
+            return sorted(p for p in self.path.iterdir() if p.is_file())
+        infos = self.fs.get_file_info(pafs.FileSelector(str(self.path)))
+        return sorted(Path(i.path) for i in infos if i.type == pafs.FileType.File)
+
+    def parquet(self, path: Path | None = None) -> pq.ParquetFile:
+        return pq.ParquetFile(str(path or self.path), filesystem=self.fs)
 
     def expected_samples(self) -> int | None:
         """Samples in the shard, from its metadata (a parquet footer) or listing; None if
@@ -52,7 +76,7 @@ class Shard:
         if self.format == "folder":
             return len(self.members)
         table = self.path if self.format == "parquet" else self.metadata
-        return pq.ParquetFile(table).metadata.num_rows if table else None
+        return self.parquet(table).metadata.num_rows if table else None
 
 
 @dataclass
@@ -65,6 +89,18 @@ class Sample:
     error: tuple[Reason, str] | None = None  # set when the sample failed at the read stage
 
 
+def _entries(
+    fs: pafs.FileSystem | None, root: str, recursive: bool = False
+) -> list[tuple[Path, bool]]:
+    """(path, is_dir) below `root`."""
+    if fs is None:
+        base = Path(root)
+        found = base.rglob("*") if recursive else base.iterdir()
+        return [(p, p.is_dir()) for p in found]
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive))
+    return [(Path(i.path), i.type == pafs.FileType.Directory) for i in infos]
+
+
 def list_shards(
     root: str | Path,
     fmt: str = "auto",
@@ -73,50 +109,64 @@ def list_shards(
 ) -> list[Shard]:
     """The input's shards, sorted by id. `auto` finds img2dataset output (NNNNN.tar,
     NNNNN.parquet, NNNNN/ folders) and, failing that, a plain folder of images."""
-    root = Path(root)
-    if not root.exists():
-        raise InputError(f"input path does not exist: {root}")
-    if not root.is_dir():
-        raise InputError(f"input path is not a folder: {root}")
     try:
-        entries = list(root.iterdir())
+        fs, base = filesystem(str(root))
+    except ValueError as exc:
+        raise InputError(f"cannot open input {root}: {exc}") from None
+    try:
+        if fs is None and not Path(base).exists():
+            raise InputError(f"input path does not exist: {root}")
+        if fs is None and not Path(base).is_dir():
+            raise InputError(f"input path is not a folder: {root}")
+        if fs is not None and fs.get_file_info(base).type != pafs.FileType.Directory:
+            raise InputError(f"input path is not a folder (or does not exist): {root}")
+        entries = _entries(fs, base)
     except OSError as exc:
         raise InputError(f"cannot read input folder {root}: {exc.strerror or exc}") from None
-    files = {p.name: p for p in entries if p.is_file()}
+    files = {p.name: p for p, is_dir in entries if not is_dir}
     tars = {p.stem: p for n, p in files.items() if n.endswith(".tar")}
     parquets = {p.stem: p for n, p in files.items() if n.endswith(".parquet")}
     # img2dataset `files` output: NNNNN/ beside NNNNN.parquet
-    folders = {p.name: p for p in entries if p.is_dir() and (fmt == "files" or p.name in parquets)}
+    folders = {
+        p.name: p for p, is_dir in entries if is_dir and (fmt == "files" or p.name in parquets)
+    }
 
     shards: list[Shard] = []
     if fmt in ("auto", "webdataset"):
-        shards += [Shard(sid, p, "webdataset", parquets.get(sid)) for sid, p in tars.items()]
+        shards += [Shard(sid, p, "webdataset", parquets.get(sid), fs=fs) for sid, p in tars.items()]
     if fmt in ("auto", "files"):
-        shards += [Shard(sid, p, "files", parquets.get(sid)) for sid, p in folders.items()]
+        shards += [Shard(sid, p, "files", parquets.get(sid), fs=fs) for sid, p in folders.items()]
     if fmt in ("auto", "parquet"):
         # A parquet beside a tar or folder of the same id is its metadata, not a shard.
         shards += [
-            Shard(sid, p, "parquet", columns=columns)
+            Shard(sid, p, "parquet", columns=columns, fs=fs)
             for sid, p in parquets.items()
             if fmt == "parquet" or (sid not in tars and sid not in folders)
         ]
     if fmt == "folder" or (fmt == "auto" and not shards):
-        shards = _image_folder_shards(root, images_per_shard)
+        shards = _image_folder_shards(fs, base, images_per_shard)
     if not shards:
         raise InputError(f"no shards (NNNNN.tar, NNNNN.parquet, NNNNN/) or images found in {root}")
     return sorted(shards, key=lambda s: s.id)
 
 
-def _image_folder_shards(root: Path, per_shard: int) -> list[Shard]:
+def _image_folder_shards(fs: pafs.FileSystem | None, root: str, per_shard: int) -> list[Shard]:
     """A plain folder of images, at any depth, cut into shards of `per_shard` in path order
     (so a re-run over the same folder makes the same shards)."""
+    base = Path(root)
     images = sorted(
-        path.relative_to(root).as_posix()
-        for path in root.rglob("*")
-        if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and path.is_file()
+        path.relative_to(base).as_posix()
+        for path, is_dir in _entries(fs, root, recursive=True)
+        if not is_dir and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
     )
     return [
-        Shard(f"{i // per_shard:05d}", root, "folder", members=tuple(images[i : i + per_shard]))
+        Shard(
+            f"{i // per_shard:05d}",
+            base,
+            "folder",
+            members=tuple(images[i : i + per_shard]),
+            fs=fs,
+        )
         for i in range(0, len(images), per_shard)
     ]
 

@@ -16,13 +16,17 @@ from recaption.sources import Sample, Shard
 def read_folder(shard: Shard) -> Iterator[Sample]:
     for relative in shard.members:
         path = shard.path / relative
-        key = relative.rsplit(".", 1)[0]
-        sample = Sample(key=key, shard=shard.id, url=relative)
-        sidecar = path.with_suffix(".txt")
+        sample = Sample(key=relative.rsplit(".", 1)[0], shard=shard.id, url=relative)
         try:
-            if sidecar.is_file():
-                sample.alt_text = sidecar.read_text(errors="replace").strip()
-            sample.image = path.read_bytes()
+            with shard.open(path) as fh:
+                sample.image = fh.read()
         except OSError as exc:  # removed or unreadable since the listing
             sample.error = (Reason.missing_image, f"cannot read {relative}: {exc.strerror or exc}")
+            yield sample
+            continue
+        try:
+            with shard.open(path.with_suffix(".txt")) as fh:
+                sample.alt_text = fh.read().decode("utf-8", "replace").strip()
+        except OSError:
+            pass  # no sidecar: no alt text
         yield sample

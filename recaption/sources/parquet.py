@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from recaption.records import Reason
 from recaption.sources import IMAGE_EXTENSIONS, Sample, Shard, status_error
@@ -34,7 +33,7 @@ def _column(schema: pa.Schema, name: str | None, usual: tuple[str, ...]) -> str 
 
 
 def read_parquet(shard: Shard) -> Iterator[Sample]:
-    table = pq.ParquetFile(shard.path)
+    table = shard.parquet()
     schema = table.schema_arrow
     names = shard.columns
     column = image_column(schema, names.image)

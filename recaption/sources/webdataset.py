@@ -11,8 +11,7 @@ import json
 import posixpath
 import tarfile
 from collections.abc import Callable, Iterator
-
-import pyarrow.parquet as pq
+from pathlib import Path
 
 from recaption.records import Reason
 from recaption.sources import IMAGE_EXTENSIONS, Sample, Shard, status_error
@@ -30,11 +29,11 @@ def split_member_name(name: str) -> tuple[str, str]:
 def _load_metadata(shard: Shard) -> dict[str, dict]:
     if shard.metadata is None:
         return {}
-    schema_names = pq.read_schema(shard.metadata).names
-    columns = [c for c in _META_COLUMNS if c in schema_names]
+    table = shard.parquet(shard.metadata)
+    columns = [c for c in _META_COLUMNS if c in table.schema_arrow.names]
     if "key" not in columns:
         return {}
-    rows = pq.read_table(shard.metadata, columns=columns).to_pylist()
+    rows = table.read(columns=columns).to_pylist()
     return {str(row["key"]): row for row in rows}
 
 
@@ -64,10 +63,15 @@ def _members(shard: Shard) -> Iterator[tuple[str, Callable[[], bytes]]]:
     folder (img2dataset's `files` output, where a shard is the folder NNNNN/). `read` is
     called before the next member: a cut tar fails there, on the member it cuts."""
     if shard.format == "files":
-        for path in sorted(p for p in shard.path.iterdir() if p.is_file()):
-            yield path.name, path.read_bytes
+        for path in shard.listdir():
+
+            def read(path: Path = path) -> bytes:
+                with shard.open(path) as fh:
+                    return fh.read()
+
+            yield path.name, read
         return
-    with tarfile.open(shard.path, mode="r|*") as tar:
+    with shard.open(stream=True) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
         for member in tar:
             if member.isfile():
                 yield member.name, tar.extractfile(member).read
