@@ -143,7 +143,7 @@ def test_a_missing_model_or_gpu_is_one_clear_error(ray_cluster, tiny_vlm, sample
 
 
 def test_a_pool_of_servers_keeps_each_full_and_survives_one_dying(sample_shards, tmp_path):
-    with OpenAIServer(latency_ms=60) as one, OpenAIServer(latency_ms=60) as two:
+    with OpenAIServer(latency_ms=300) as one, OpenAIServer(latency_ms=300) as two:
         cfg = load_config(
             "pipelines/vllm.yaml",
             [
