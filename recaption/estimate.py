@@ -15,9 +15,11 @@ are approximated (4 characters a token) and the output is assumed (`--output-tok
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from recaption.captioners import OPENAI_BACKENDS, CaptionFailure, make_captioner
@@ -33,17 +35,15 @@ def count_images(shards: list[Shard]) -> tuple[int, int]:
     without it (a bare tar, a sampled selection) is counted by reading it."""
     samples = downloaded = 0
     for shard in shards:
-        table = {"parquet": shard.path, "webdataset": shard.metadata, "files": shard.metadata}
-        table_path = table.get(shard.format)
         if shard.format == "folder" and shard.fraction is None:
             n = min(len(shard.members), shard.take or len(shard.members))
             samples, downloaded = samples + n, downloaded + n
-        elif table_path is None or shard.take is not None or shard.fraction is not None:
+        elif shard.table is None or shard.take is not None or shard.fraction is not None:
             for sample in read_samples(shard):
                 samples += 1
                 downloaded += sample.error is None
         else:
-            file = shard.parquet(table_path)
+            file = shard.parquet(shard.table)
             samples += file.metadata.num_rows
             if "status" in file.schema_arrow.names:
                 status = file.read(columns=["status"]).column("status").to_pylist()
@@ -76,20 +76,36 @@ def draw(shards: list[Shard], n: int, cfg: PipelineConfig) -> tuple[list[Prepare
     return images, undecodable
 
 
-async def _time_sample(captioner: Any, images: list[PreparedImage], concurrency: int) -> float:
-    """Seconds to caption the sample, `concurrency` at a time (a local VLM batches them)."""
+async def _over_sample(
+    captioner: Any,
+    images: list[PreparedImage],
+    concurrency: int,
+    each: Callable[[PreparedImage], Awaitable[None]],
+) -> float:
+    """Run `each` on the sample, `concurrency` at a time (a local VLM batches them);
+    the seconds it took."""
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(image: PreparedImage) -> None:
+    async def gated(image: PreparedImage) -> None:
         async with gate:
-            await captioner.caption(image)
+            await each(image)
 
     t0 = time.perf_counter()
     try:
-        await asyncio.gather(*(one(image) for image in images), return_exceptions=True)
+        await asyncio.gather(*(gated(image) for image in images))
     finally:
         await captioner.aclose()
     return time.perf_counter() - t0
+
+
+async def _time_sample(captioner: Any, images: list[PreparedImage], concurrency: int) -> float:
+    """Seconds to caption the sample; a rejected image counts as the time it took."""
+
+    async def each(image: PreparedImage) -> None:
+        with contextlib.suppress(CaptionFailure):
+            await captioner.caption(image)
+
+    return await _over_sample(captioner, images, concurrency, each)
 
 
 async def _caption_sample(cfg: PipelineConfig, images: list[PreparedImage]) -> dict[str, Any]:
@@ -98,34 +114,27 @@ async def _caption_sample(cfg: PipelineConfig, images: list[PreparedImage]) -> d
     if online.captioner.backend == "openai-batch":  # the same request, answered now
         online.captioner.backend = "openai"
     captioner = make_captioner(online)
-    gate = asyncio.Semaphore(cfg.limits.concurrency)
     tally: Counter[str] = Counter()
     latencies: list[float] = []
 
-    async def one(image: PreparedImage) -> None:
-        async with gate:
-            t0 = time.perf_counter()
-            try:
-                result = await captioner.caption(image)
-            except CaptionFailure as exc:
-                tally.update(input=exc.input_tokens, output=exc.output_tokens)
-                tally.update(attempts=exc.attempts, rejected=1)
-                return
-            latencies.append((time.perf_counter() - t0) / max(result.attempts, 1))
-            tally.update(
-                input=result.input_tokens, output=result.output_tokens, attempts=result.attempts
-            )
-            try:
-                validate_caption(result.caption, cfg.validation)
-            except CaptionInvalid:
-                tally["rejected"] += 1
+    async def each(image: PreparedImage) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = await captioner.caption(image)
+        except CaptionFailure as exc:
+            tally.update(input=exc.input_tokens, output=exc.output_tokens)
+            tally.update(attempts=exc.attempts, rejected=1)
+            return
+        latencies.append((time.perf_counter() - t0) / max(result.attempts, 1))
+        tally.update(
+            input=result.input_tokens, output=result.output_tokens, attempts=result.attempts
+        )
+        try:
+            validate_caption(result.caption, cfg.validation)
+        except CaptionInvalid:
+            tally["rejected"] += 1
 
-    t0 = time.perf_counter()
-    try:
-        await asyncio.gather(*(one(image) for image in images))
-    finally:
-        await captioner.aclose()
-    tally["seconds"] = time.perf_counter() - t0
+    await _over_sample(captioner, images, cfg.limits.concurrency, each)
     return {"tally": tally, "latency_s": sum(latencies) / len(latencies) if latencies else None}
 
 

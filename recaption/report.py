@@ -84,18 +84,17 @@ def _scan(corpus: Path, sample: int, seed: int) -> tuple[CorpusStats, list[dict[
         names = set(file.schema_arrow.names)
         columns = [c for c in dict.fromkeys(STAT_COLUMNS + SHEET_COLUMNS) if c in names]
         for group in range(file.num_row_groups):
-            table = file.read_row_group(group, columns=columns)
-            for batch in table.to_batches():
-                stats.add_data(batch)
-            for index, row in enumerate(table.select(SHEET_COLUMNS).to_pylist()):
+            rows = file.read_row_group(group, columns=columns).to_pylist()
+            stats.add_data(rows)
+            for index, row in enumerate(rows):
                 seen += 1
                 slot = len(drawn) if len(drawn) < sample else rng.randrange(seen)
                 if slot < sample:
-                    row |= {"_at": (path, group, index)}
+                    kept = {c: row[c] for c in SHEET_COLUMNS} | {"_at": (path, group, index)}
                     if slot == len(drawn):
-                        drawn.append(row)
+                        drawn.append(kept)
                     else:
-                        drawn[slot] = row
+                        drawn[slot] = kept
     for path in _files(corpus, REJECTED_DIR):
         for batch in pq.ParquetFile(path).iter_batches(columns=["reason", "stage"]):
             stats.add_rejected(batch)

@@ -43,6 +43,10 @@ class Histogram:
     def n(self) -> int:
         return sum(self.counts.values())
 
+    @property
+    def total(self) -> int:
+        return sum(value * count for value, count in self.counts.items())
+
     def quantile(self, q: float) -> float:
         """The smallest value with at least q of the counts at or below it."""
         if not self.counts:
@@ -56,7 +60,7 @@ class Histogram:
 
     def summary(self) -> dict[str, float]:
         n = self.n
-        mean = sum(v * c for v, c in self.counts.items()) / n if n else 0.0
+        mean = self.total / n if n else 0.0
         return {
             "n": n,
             "mean": round(mean, 2),
@@ -100,7 +104,8 @@ class DuplicateSample:
 
 
 class CorpusStats:
-    """Fed record batches of data/ and rejected/; `summary()` is report.json's body."""
+    """Fed the rows of data/ and record batches of rejected/; `summary()` is report.json's
+    body."""
 
     def __init__(self, top: int = 30):
         self.top = top
@@ -120,8 +125,9 @@ class CorpusStats:
         self.rejected: Counter[str] = Counter()
         self.stages: Counter[str] = Counter()
 
-    def add_data(self, batch: pa.RecordBatch) -> None:
-        for row in batch.to_pylist():
+    def add_data(self, rows: list[dict[str, Any]]) -> None:
+        """Rows of data/, as dicts (the report converts each row group once)."""
+        for row in rows:
             self.captioned += 1
             for field in TEXT_FIELDS:
                 text = row.get(field) or ""
@@ -185,8 +191,8 @@ class CorpusStats:
                 "by_stage": dict(self.stages.most_common()),
             },
             "usage": {
-                "input_tokens": sum(v * c for v, c in self.tokens["input"].counts.items()),
-                "output_tokens": sum(v * c for v, c in self.tokens["output"].counts.items()),
+                "input_tokens": self.tokens["input"].total,
+                "output_tokens": self.tokens["output"].total,
                 "cost_usd": round(self.cost_usd, 6),
                 "cost_per_1k_images": round(1000 * self.cost_usd / self.captioned, 4)
                 if self.captioned

@@ -137,13 +137,15 @@ class BatchCaptioner(OpenAICaptioner):
         read: set[int] = set()  # parts whose output this call has read
         delay, plan = self.batch.poll_s, True
         while True:
-            await self._refresh(client, shard, state, path)
+            await self._refresh(client, shard, state)
             for i, part in enumerate(state.parts):
                 if i not in read and part.status not in LIVE:
                     await self._read_part(client, shard, part, keys)
                     read.add(i)
-                    save_state(path, state)
                     plan = True
+            # one save a pass: a kill before it loses only statuses, asked again, or a batch
+            # id, which find-or-create finds again by its input file
+            save_state(path, state)
             live = {key for part in state.parts if part.status in LIVE for key in part.keys}
             if plan:  # something was answered (or this is the start): what is due now?
                 plan = False
@@ -236,17 +238,23 @@ class BatchCaptioner(OpenAICaptioner):
             state.parts.append(part)
             save_state(path, state)
             jsonl.unlink()
-            await self._create(client, shard, part, len(state.parts) - 1)
+            await self._create(client, shard, part, len(state.parts) - 1, resumed=False)
             save_state(path, state)
         return sum(len(part_keys) for part_keys, _ in pending)
 
-    async def _create(self, client: openai.AsyncOpenAI, shard: Shard, part: Part, i: int) -> None:
+    async def _create(
+        self, client: openai.AsyncOpenAI, shard: Shard, part: Part, i: int, resumed: bool
+    ) -> None:
         """Create the part's batch, unless it exists: a create whose answer was lost (a
-        dropped connection, a kill) may have made it, and a second one would run every
-        request twice."""
+        dropped connection, or a kill before `resumed`) may have made it, and a second one
+        would run every request twice. Only then is the batch list searched."""
+        lost = resumed
 
         async def find_or_create() -> Any:
-            return await self._find(client, part) or await client.batches.create(
+            nonlocal lost
+            found = await self._find(client, part) if lost else None
+            lost = True  # if this try fails, its answer may be lost too
+            return found or await client.batches.create(
                 input_file_id=part.file_id,
                 endpoint=self.url,
                 completion_window=self.batch.completion_window,
@@ -257,18 +265,16 @@ class BatchCaptioner(OpenAICaptioner):
 
     # -- follow -------------------------------------------------------------------------------
 
-    async def _refresh(
-        self, client: openai.AsyncOpenAI, shard: Shard, state: BatchState, path: Path
-    ) -> None:
-        """Where each live part stands now."""
+    async def _refresh(self, client: openai.AsyncOpenAI, shard: Shard, state: BatchState) -> None:
+        """Where each live part stands now. A part stopped between its upload and its batch
+        gets its batch here (found, or created); the caller saves the state."""
         for i, part in enumerate(state.parts):
             if part.status not in LIVE:
                 continue
             if part.batch_id is None:  # stopped after the upload: the batch may exist already
-                await self._create(client, shard, part, i)
+                await self._create(client, shard, part, i, resumed=True)
             else:
                 self._update(part, await call_api(client.batches.retrieve, part.batch_id))
-            save_state(path, state)
 
     async def _find(self, client: openai.AsyncOpenAI, part: Part) -> Any:
         """The batch made from this part's file, among those created since its upload."""

@@ -70,13 +70,19 @@ class Shard:
     def parquet(self, path: Path | None = None) -> pq.ParquetFile:
         return pq.ParquetFile(str(path or self.path), filesystem=self.fs)
 
+    @property
+    def table(self) -> Path | None:
+        """The parquet with a row per sample: the shard itself, or img2dataset's metadata."""
+        if self.format == "parquet":
+            return self.path
+        return self.metadata if self.format in ("webdataset", "files") else None
+
     def expected_samples(self) -> int | None:
         """Samples in the shard, from its metadata (a parquet footer) or listing; None if
         only reading it would tell (a tar without its parquet)."""
         if self.format == "folder":
             return len(self.members)
-        table = self.path if self.format == "parquet" else self.metadata
-        return self.parquet(table).metadata.num_rows if table else None
+        return self.parquet(self.table).metadata.num_rows if self.table else None
 
 
 @dataclass
