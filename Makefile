@@ -31,7 +31,7 @@ train: setup
 # Dense captions vs alt text, offline on a CPU: scenes, analyzer captions, four training arms,
 # evaluation -> runs/ablation/report.md (stages already done are skipped)
 ablation: setup
-	$(BIN)/python -m recaption.lens.ablation --out runs/ablation
+	$(BIN)/python -m recaption.ablation --out runs/ablation
 
 test: setup browser
 	$(BIN)/python -m pytest -q

@@ -35,8 +35,8 @@ from tiny_vlm import build_tiny_vlm  # noqa: E402
 from recaption.captioners import make_captioner  # noqa: E402
 from recaption.config import load_config  # noqa: E402
 from recaption.images import ImageRejected, prepare  # noqa: E402
-from recaption.pipeline import process_shard  # noqa: E402
 from recaption.samples import write_samples  # noqa: E402
+from recaption.shard import process_shard  # noqa: E402
 from recaption.sources import list_shards, read_samples  # noqa: E402
 
 # (name, image side, text hidden size, text layers): image tokens = (side / (side/4))^2 = 16

@@ -33,8 +33,8 @@ from openai_server import OpenAIServer, repeated_successes  # noqa: E402
 
 from recaption.captioners import make_captioner  # noqa: E402
 from recaption.config import load_config  # noqa: E402
-from recaption.pipeline import process_shard  # noqa: E402
 from recaption.samples import write_samples  # noqa: E402
+from recaption.shard import process_shard  # noqa: E402
 from recaption.sources import list_shards  # noqa: E402
 from recaption.verify import verify  # noqa: E402
 

@@ -7,12 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from recaption.config import ConfigError, load_config
+from recaption.config import load_config
+from recaption.errors import ConfigError, UserError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from recaption.pipeline import RunError, run
-    from recaption.sources import InputError
+    from recaption.pipeline import run
 
     overrides = list(args.set)
     if args.input:
@@ -22,11 +22,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key in ("shards", "limit", "fraction"):  # a trial run on part of the input
         if getattr(args, key) is not None:
             overrides.append(f"input.{key}={getattr(args, key)}")
-    cfg = load_config(args.pipeline, overrides)
-    try:
-        summary = run(cfg, show_progress=not args.quiet)
-    except (InputError, RunError) as exc:
-        raise ConfigError(str(exc)) from None
+    summary = run(load_config(args.pipeline, overrides), show_progress=not args.quiet)
     for line in summary.lines():
         print(f"recaption: {line}")
     return 1 if summary.failed else 0
@@ -35,16 +31,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_samples(args: argparse.Namespace) -> int:
     from recaption.samples import write_samples
 
-    try:
-        paths = write_samples(
-            Path(args.dir),
-            shards=args.shards,
-            per_shard=args.per_shard,
-            seed=args.seed,
-            photo_share=args.photo_share,
-        )
-    except RuntimeError as exc:
-        raise ConfigError(str(exc)) from None
+    paths = write_samples(
+        Path(args.dir),
+        shards=args.shards,
+        per_shard=args.per_shard,
+        seed=args.seed,
+        photo_share=args.photo_share,
+    )
     print(f"recaption: wrote {len(paths)} sample shards x {args.per_shard} URLs to {args.dir}")
     return 0
 
@@ -82,10 +75,7 @@ def cmd_eval_captions(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from recaption.report import write_report
 
-    try:
-        path = write_report(Path(args.corpus), sample=args.sample)
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from None
+    path = write_report(Path(args.corpus), sample=args.sample)
     print(f"recaption: report written to {path}")
     if args.open:
         import webbrowser
@@ -126,22 +116,16 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_estimate(args: argparse.Namespace) -> int:
     import json
 
-    from recaption.captioners import CaptionerFatal
     from recaption.estimate import estimate, lines
-    from recaption.sources import InputError
 
     overrides = list(args.set) + ([f"input.path={args.input}"] if args.input else [])
-    cfg = load_config(args.pipeline, overrides)
-    try:
-        result = estimate(
-            cfg,
-            sample=args.sample,
-            dry=args.dry,
-            images=args.images,
-            output_tokens=args.output_tokens,
-        )
-    except (InputError, CaptionerFatal, ValueError) as exc:
-        raise ConfigError(str(exc)) from None
+    result = estimate(
+        load_config(args.pipeline, overrides),
+        sample=args.sample,
+        dry=args.dry,
+        images=args.images,
+        output_tokens=args.output_tokens,
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -153,25 +137,25 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def cmd_batches(args: argparse.Namespace) -> int:
     import asyncio
 
-    from recaption.captioners.batch import batch_table
-    from recaption.sinks import CorpusStore
+    from recaption.captioners.batch_state import batch_table
+    from recaption.corpus import CorpusStore
 
     corpus = CorpusStore(args.corpus)  # for a corpus in a store, its batch ids are staged here
     if not corpus.local.is_dir():
         raise ConfigError(f"no corpus at {args.corpus}")
-    for line in asyncio.run(batch_table(corpus, cancel=args.cancel)):
+    manifest = corpus.load_manifest()
+    written = list(manifest.shards.values()) if manifest else []
+    cost = sum(r.cost_usd for r in written)
+    table = batch_table(corpus.batch_states(), len(written), cost, cancel=args.cancel)
+    for line in asyncio.run(table):
         print(line)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from recaption.sources import InputError
     from recaption.verify import verify
 
-    try:
-        verdict = verify(Path(args.corpus), args.input, args.format)
-    except InputError as exc:
-        raise ConfigError(str(exc)) from None
+    verdict = verify(args.corpus, args.input, args.format)
     for line in verdict.notes:
         print(f"recaption verify: note: {line}")
     for line in verdict.problems:
@@ -389,7 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("corpus")
     p.add_argument("--input", help="the input shards, to check every input key is accounted for")
-    p.add_argument("--format", default="auto", choices=["auto", "webdataset", "parquet"])
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "webdataset", "files", "parquet", "folder"],
+        help="the input's format (default: as the run that made the corpus read it)",
+    )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("schemas", help="write the JSON Schema files of the records to DIR")
@@ -445,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except UserError as exc:
         print(f"recaption: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

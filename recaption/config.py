@@ -8,16 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from recaption.errors import ConfigError
+
 M = TypeVar("M", bound=BaseModel)
-
-
-class ConfigError(Exception):
-    """A bad pipeline file or override; the message is one line meant for the user."""
 
 
 class Strict(BaseModel):
@@ -195,7 +193,13 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
             raise ConfigError(f"--set {dotted}: {part!r} is not a section")
         node = child
     # YAML parsing gives `--set ray.workers=4` an int and `--set captioner.base_url=null` a None.
-    value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(
+            f"--set {dotted}: {raw!r} is not a YAML value ({problem}); quote it: '{dotted}=\"...\"'"
+        ) from None
     if isinstance(node, list):
         node[_index(node, parts[-1], dotted)] = value
     else:
@@ -244,6 +248,8 @@ def with_overrides(model: type[M], tree: dict[str, Any], overrides: list[str]) -
 
 
 _SECRET_WORDS = ("key", "secret", "token", "password")
+# URL query parameters that carry credentials: SAS tokens (sig, ...), signed URLs, keys
+_SECRET_PARAMS = ("sig", "signature", "credential", "key", "secret", "token", "password", "auth")
 
 
 def redacted(config: BaseModel) -> dict[str, Any]:
@@ -256,14 +262,29 @@ def redacted(config: BaseModel) -> dict[str, Any]:
         if isinstance(node, list):
             return [clean(v) for v in node]
         if isinstance(node, str):
-            # `api_key_env` names a variable; it holds no secret
-            if any(word in name.lower() for word in _SECRET_WORDS) and not name.endswith("_env"):
+            # `api_key_env` names a variable and `key_col` a column: they hold no secret
+            secret = any(word in name.lower() for word in _SECRET_WORDS)
+            if secret and not name.endswith(("_env", "_col")):
                 return "***"
-            parts = urlsplit(node)
-            if parts.scheme and parts.password:
-                return urlunsplit(
-                    parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
-                )
+            return _clean_url(node)
         return node
 
     return clean(config.model_dump(mode="json"))
+
+
+def _clean_url(text: str) -> str:
+    """A URL or path without `user:password@` and without the values of secret-looking query
+    parameters (`?sig=`, `?api-key=`, `?client_secret=`, SAS tokens)."""
+    parts = urlsplit(text)
+    if parts.scheme and parts.password:
+        host = parts.hostname or ""
+        parts = parts._replace(netloc=host + (f":{parts.port}" if parts.port else ""))
+    if parts.query and "=" in parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        secret = [
+            (name, "***" if any(w in name.lower().replace("-", "_") for w in _SECRET_PARAMS) else v)
+            for name, v in pairs
+        ]
+        if secret != pairs:
+            parts = parts._replace(query=urlencode(secret, safe="*:/"))
+    return urlunsplit(parts) if parts.geturl() != text else text

@@ -22,12 +22,14 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from recaption.captioners import OPENAI_BACKENDS, CaptionFailure, make_captioner
+from recaption.captioners import Captioner, backend_of, make_captioner
+from recaption.captioners.prompt import USER_TEXT, load_prompt, prompt_with_schema
 from recaption.config import PipelineConfig
-from recaption.images import ImageRejected, PreparedImage, prepare
-from recaption.pricing import price_for
+from recaption.errors import InputError, Rejected
+from recaption.images import PreparedImage
+from recaption.pricing import image_tokens, price_for
+from recaption.shard import answer, samples
 from recaption.sources import Shard, input_shards, read_samples
-from recaption.validation import CaptionInvalid, validate_caption
 
 
 def count_images(shards: list[Shard]) -> tuple[int, int]:
@@ -63,21 +65,21 @@ def draw(shards: list[Shard], n: int, cfg: PipelineConfig) -> tuple[list[Prepare
     undecodable = 0
     for shard in chosen:
         taken = 0
-        for sample in read_samples(shard):
+        for sample, image in samples(shard, cfg.captioner.image):
             if taken >= per_shard or len(images) >= n:
                 break
-            if sample.error:
+            if sample.error is not None:
                 continue
             taken += 1
-            try:
-                images.append(prepare(sample.image, cfg.captioner.image))
-            except ImageRejected:
+            if isinstance(image, Rejected):
                 undecodable += 1
+            else:
+                images.append(image)
     return images, undecodable
 
 
 async def _over_sample(
-    captioner: Any,
+    captioner: Captioner,
     images: list[PreparedImage],
     concurrency: int,
     each: Callable[[PreparedImage], Awaitable[None]],
@@ -98,21 +100,22 @@ async def _over_sample(
     return time.perf_counter() - t0
 
 
-async def _time_sample(captioner: Any, images: list[PreparedImage], concurrency: int) -> float:
+async def _time_sample(
+    captioner: Captioner, images: list[PreparedImage], cfg: PipelineConfig
+) -> float:
     """Seconds to caption the sample; a rejected image counts as the time it took."""
 
     async def each(image: PreparedImage) -> None:
-        with contextlib.suppress(CaptionFailure):
-            await captioner.caption(image)
+        with contextlib.suppress(Rejected):
+            await answer(captioner, image, cfg.validation)
 
-    return await _over_sample(captioner, images, concurrency, each)
+    return await _over_sample(captioner, images, cfg.limits.concurrency, each)
 
 
 async def _caption_sample(cfg: PipelineConfig, images: list[PreparedImage]) -> dict[str, Any]:
     """Caption the sample for real: tokens, attempts, latency, rejections."""
     online = cfg.model_copy(deep=True)
-    if online.captioner.backend == "openai-batch":  # the same request, answered now
-        online.captioner.backend = "openai"
+    online.captioner.backend = backend_of(cfg).online()  # the same request, answered now
     captioner = make_captioner(online)
     tally: Counter[str] = Counter()
     latencies: list[float] = []
@@ -120,8 +123,8 @@ async def _caption_sample(cfg: PipelineConfig, images: list[PreparedImage]) -> d
     async def each(image: PreparedImage) -> None:
         t0 = time.perf_counter()
         try:
-            result = await captioner.caption(image)
-        except CaptionFailure as exc:
+            result, _ = await answer(captioner, image, cfg.validation)
+        except Rejected as exc:
             tally.update(input=exc.input_tokens, output=exc.output_tokens)
             tally.update(attempts=exc.attempts, rejected=1)
             return
@@ -129,19 +132,12 @@ async def _caption_sample(cfg: PipelineConfig, images: list[PreparedImage]) -> d
         tally.update(
             input=result.input_tokens, output=result.output_tokens, attempts=result.attempts
         )
-        try:
-            validate_caption(result.caption, cfg.validation)
-        except CaptionInvalid:
-            tally["rejected"] += 1
 
     await _over_sample(captioner, images, cfg.limits.concurrency, each)
     return {"tally": tally, "latency_s": sum(latencies) / len(latencies) if latencies else None}
 
 
 def _dry_tally(cfg: PipelineConfig, images: list[PreparedImage], output_tokens: int) -> Counter:
-    from recaption.captioners.openai import USER_TEXT, load_prompt, prompt_with_schema
-    from recaption.pricing import image_tokens
-
     model = cfg.captioner.model or "gpt-4.1"
     # the schema is paid for either way: in the prompt, or as the structured-output format
     prompt = prompt_with_schema(load_prompt(cfg.captioner.prompt)[1])
@@ -167,7 +163,7 @@ def estimate(
     samples, downloaded = count_images(shards)
     drawn, undecodable = draw(shards, sample, cfg)
     if not drawn:
-        raise ValueError(f"no decodable image found in {cfg.input.path}")
+        raise InputError(f"no decodable image found in {cfg.input.path}")
     # images that will reach the captioner: downloaded and decodable
     sendable = images if images is not None else downloaded
     sendable = round(sendable * len(drawn) / (len(drawn) + undecodable))
@@ -178,17 +174,18 @@ def estimate(
         "measured": not dry,
         "backend": cfg.captioner.backend,
     }
-    if cfg.captioner.backend not in OPENAI_BACKENDS:  # on this machine: time, no cost
+    if not backend_of(cfg).paid:  # on this machine: time, no cost
         captioner = make_captioner(cfg)
-        seconds = asyncio.run(_time_sample(captioner, drawn, cfg.limits.concurrency))
+        seconds = asyncio.run(_time_sample(captioner, drawn, cfg))
         out["images_per_s"] = round(len(drawn) / seconds, 3)
         out["minutes"] = round(sendable * seconds / len(drawn) / cfg.ray.workers / 60, 4)
         out["cost_usd"] = {"online": 0.0, "batch": 0.0}
-        if hasattr(captioner, "image_tokens"):  # a local VLM: visual tokens drive prefill
+        vlm = captioner.describe()
+        if vlm is not None:  # a local VLM: visual tokens drive prefill
             tokens = [captioner.image_tokens(image) for image in drawn[:20]]
             out["image_tokens"] = round(sum(tokens) / len(tokens), 1)
             out["image_max_side"] = cfg.captioner.image.max_side
-            out["vlm"] = captioner.describe()
+            out["vlm"] = vlm
         return out
 
     latency = None

@@ -24,25 +24,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from recaption.colors import SCENE_COLORS
+from recaption.corpus import DATA_DIR, CorpusStore
+from recaption.grid import CELLS, SYNONYMS
 
 ATTRIBUTES = ("kind", "color", "position", "count", "background")
 FIELDS = {"captions": "caption", "caption_short": "caption_short", "alt_text": "alt_text"}
 
 _KINDS = ("circle", "square", "triangle", "star", "oval", "rectangle", "diamond")
 _COLORS = "|".join(sorted((*SCENE_COLORS, "grey"), key=len, reverse=True))
-_CELL_WORDS = {
-    "top left": "top left",
-    "top right": "top right",
-    "bottom left": "bottom left",
-    "bottom right": "bottom right",
-    "top": "top",
-    "bottom": "bottom",
-    "left": "left",
-    "right": "right",
-    "center": "center",
-    "centre": "center",
-    "middle": "center",
-}
+_CELL_WORDS = {**{name: name for name in CELLS.values()}, **SYNONYMS}  # word -> cell name
 _CELLS = "|".join(sorted(_CELL_WORDS, key=len, reverse=True))
 _MENTION = re.compile(
     rf"\b(?P<color>{_COLORS})\s+(?P<kind>{'|'.join(_KINDS)})(?:e?s)?\b"
@@ -130,13 +120,14 @@ def load_truth(scenes: Path) -> dict[str, dict]:
 def evaluate(corpus: Path, scenes: Path) -> dict:
     """Fidelity of each caption field and of the alt text, over the captioned scenes."""
     truth = load_truth(scenes)
-    files = sorted((corpus / "data").glob("*.parquet"))
+    store = CorpusStore(corpus)
+    files = list(store.shard_files(DATA_DIR).values())
     if not files:
-        raise FileNotFoundError(f"no corpus shards in {corpus / 'data'}")
+        raise FileNotFoundError(f"no corpus shards in {corpus / DATA_DIR}")
     tallies = {name: Tally() for name in FIELDS}
     matched = 0
     for path in files:
-        table = pq.read_table(path, columns=["key", *FIELDS.values()])
+        table = pq.read_table(path, columns=["key", *FIELDS.values()], filesystem=store.arrow_fs)
         for row in table.to_pylist():
             if (scene := truth.get(row["key"])) is None:
                 continue

@@ -14,16 +14,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from recaption.config import ImageConfig
-from recaption.records import Reason
+from recaption.errors import Rejected
+from recaption.records import Reason, Stage
 
 _PIL_FORMAT = {"jpeg": "JPEG", "webp": "WEBP", "png": "PNG"}
 
 
-class ImageRejected(Exception):
-    def __init__(self, reason: Reason, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class ImageRejected(Rejected):
+    stage = Stage.decode
 
 
 @dataclass

@@ -1,12 +1,12 @@
 """Per-shard journal: every answered key, appended as it is answered, so that re-running
 an unfinished shard (a killed job, a dead worker) repeats no paid call.
 
-`CORPUS/.journal/NNNNN.jsonl` holds one JSON line per captioned row (the CaptionRecord
-without its image, which is prepared again from the input) or per caption/validate
-rejection, with what the attempts cost. Each line is written and flushed at once, so a
-killed process loses nothing the OS has seen; fsync runs at most every `fsync_s` seconds
-for machine crashes. A torn last line (a kill mid-write) is cut off when the journal is
-reopened. The driver removes a journal once the manifest records the shard as committed.
+`CORPUS/.journal/NNNNN.jsonl` (corpus.journal_path) holds one JSON line per captioned row
+(the CaptionRecord without its image, which is prepared again from the input) or per
+caption/validate rejection, with what the attempts cost. Each line is written and flushed
+at once, so a killed process loses nothing the OS has seen; fsync runs at most every
+`fsync_s` seconds for machine crashes. A torn last line (a kill mid-write) is cut off when
+the journal is reopened. The driver removes a journal once the manifest records the shard.
 """
 
 from __future__ import annotations
@@ -17,22 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-JOURNAL_DIR = ".journal"
-BATCHES_DIR = ".batches"  # openai-batch: the ids of a shard's batches (captioners/batch.py)
-
-
-def journal_path(corpus: Path, shard: str) -> Path:
-    return corpus / JOURNAL_DIR / f"{shard}.jsonl"
-
-
-def batch_state_path(corpus: Path, shard: str) -> Path:
-    return corpus / BATCHES_DIR / f"{shard}.json"
-
-
-def forget_shard(corpus: Path, shard: str) -> None:
-    """A committed shard's resume state is no longer needed: its journal and batch ids."""
-    journal_path(corpus, shard).unlink(missing_ok=True)
-    batch_state_path(corpus, shard).unlink(missing_ok=True)
+from recaption.corpus import journal_path
 
 
 class Journal:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import types
 import typing
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -60,6 +62,60 @@ class Reason(StrEnum):
     repetition = "repetition"
     truncated_output = "truncated_output"
     wrong_language = "wrong_language"
+
+
+@dataclass
+class Usage:
+    """What one image's attempts cost, and what came back to each. One value for every
+    carrier: a caption, a failure, a journal line, a shard."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    attempts: int = 0  # HTTP attempts (or model calls), retries included
+    outcomes: Counter[str] = field(default_factory=Counter)  # requests and what came back
+
+    def add(self, other: Usage) -> None:
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cost_usd += other.cost_usd
+        self.attempts += other.attempts
+        self.outcomes.update(other.outcomes)
+
+    def spent(self) -> dict[str, float]:
+        """Tokens and cost, as the journal keeps them."""
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost_usd": self.cost_usd,
+        }
+
+    @classmethod
+    def from_spent(cls, spent: dict[str, float]) -> Usage:
+        cost = spent.get("cost_usd", spent.get("cost_micro_usd", 0) / 1e6)  # older journals
+        return cls(int(spent.get("input_tokens", 0)), int(spent.get("output_tokens", 0)), cost)
+
+
+class Metered:
+    """Read access to `usage` under the names rows and reports use."""
+
+    usage: Usage
+
+    @property
+    def input_tokens(self) -> int:
+        return self.usage.input_tokens
+
+    @property
+    def output_tokens(self) -> int:
+        return self.usage.output_tokens
+
+    @property
+    def cost_usd(self) -> float:
+        return self.usage.cost_usd
+
+    @property
+    def attempts(self) -> int:
+        return self.usage.attempts
 
 
 class Caption(BaseModel):

@@ -28,7 +28,8 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image
 
-from recaption.sinks import DATA_DIR, REJECTED_DIR, load_manifest
+from recaption.corpus import DATA_DIR, REJECTED_DIR, CorpusStore
+from recaption.errors import RunError
 from recaption.stats import TEXT_FIELDS, CorpusStats
 
 SHEET_COLUMNS = ["key", "shard", "alt_text", "caption", "caption_short", "objects", "visible_text"]
@@ -49,9 +50,9 @@ STAT_COLUMNS = [
 
 def write_report(corpus: Path, sample: int = 200, seed: int = 0) -> Path:
     """Write CORPUS/report/ and return the path of its index.html."""
-    manifest = load_manifest(corpus)
+    manifest = CorpusStore(corpus).load_manifest()
     if manifest is None:
-        raise FileNotFoundError(f"no manifest.json in {corpus}: is it a recaption corpus?")
+        raise RunError(f"no manifest.json in {corpus}: is it a recaption corpus?")
     out = corpus / "report"
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
     stats, drawn = _scan(corpus, sample, seed)
@@ -70,8 +71,8 @@ def write_report(corpus: Path, sample: int = 200, seed: int = 0) -> Path:
     return out / "index.html"
 
 
-def _files(corpus: Path, folder: str) -> list[Path]:
-    return sorted((corpus / folder).glob("*.parquet"))
+def _files(corpus: Path, folder: str) -> list[str]:
+    return list(CorpusStore(corpus).shard_files(folder).values())
 
 
 def _scan(corpus: Path, sample: int, seed: int) -> tuple[CorpusStats, list[dict[str, Any]]]:
@@ -104,7 +105,7 @@ def _scan(corpus: Path, sample: int, seed: int) -> tuple[CorpusStats, list[dict[
 
 def _thumbnails(drawn: list[dict[str, Any]], folder: Path, side: int = 256) -> None:
     """Read images only from the row groups that hold a drawn row."""
-    wanted: dict[tuple[Path, int], list[tuple[int, dict]]] = defaultdict(list)
+    wanted: dict[tuple[str, int], list[tuple[int, dict]]] = defaultdict(list)
     for i, row in enumerate(drawn):
         path, group, index = row.pop("_at")
         row["thumb"] = None

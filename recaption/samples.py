@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from recaption.errors import ConfigError
 from recaption.scenes import SCENES, SceneStyle, alt_text, random_scene, render
 
 # scikit-image sample -> alt texts a web page might carry for it (some wrong on purpose)
@@ -83,7 +84,7 @@ def _load_photos() -> dict[str, Image.Image]:
     try:
         import skimage.data
     except ImportError:
-        raise RuntimeError(
+        raise ConfigError(
             "recaption samples needs scikit-image for its photographs: pip install 'recaption[samples]'"
         ) from None
     photos = {}

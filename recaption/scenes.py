@@ -14,20 +14,10 @@ from dataclasses import asdict, dataclass
 from PIL import Image, ImageDraw
 
 from recaption.colors import PALETTE, SCENE_COLORS
+from recaption.grid import CELLS as CELLS  # the ground truth's cell names, from the grid
+from recaption.grid import GRID, cell_of
 
 KINDS = ("circle", "square", "triangle", "star")
-GRID = {(r, c) for r in range(3) for c in range(3)}
-# 3x3 cell -> its name in the ground truth (row, then column; the middle ones alone)
-CELLS = {
-    (r, c): " ".join(w for w in (rn, cn) if w) or "center"
-    for r, rn in enumerate(("top", "", "bottom"))
-    for c, cn in enumerate(("left", "", "right"))
-}
-
-
-def cell_of(cx: float, cy: float) -> str:
-    """The 3x3 cell of a point given in 0..1 of the frame's width and height."""
-    return CELLS[(min(2, int(cy * 3)), min(2, int(cx * 3)))]
 
 
 @dataclass
@@ -94,7 +84,7 @@ def random_scene(rng: random.Random, style: SceneStyle = SAMPLES) -> Scene:
     colors = [
         c for c in SCENE_COLORS if c != background and not {c, background} <= {"gray", "white"}
     ]
-    cells = rng.sample(sorted(GRID), rng.randint(1, style.max_shapes))
+    cells = rng.sample(GRID, rng.randint(1, style.max_shapes))
     shapes = []
     for row, col in cells:
         size = rng.uniform(*style.sizes)

@@ -10,14 +10,12 @@ import re
 from collections import Counter
 
 from recaption.config import ValidationConfig
-from recaption.records import Caption, Reason
+from recaption.errors import Rejected
+from recaption.records import Caption, Reason, Stage
 
 
-class CaptionInvalid(Exception):
-    def __init__(self, reason: Reason, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class CaptionInvalid(Rejected):
+    stage = Stage.validate
 
 
 REFUSALS = re.compile(

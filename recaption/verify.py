@@ -3,6 +3,8 @@
 Per shard: both files present, readable, with the contract's schema; the manifest's counts
 match the files; no key twice; and, given the input, every input key exactly once in
 `data/` or `rejected/` (each repeat of a key inside a shard as one `duplicate_key` row).
+The input is read as the run that made the corpus read it (format, columns, and a trial
+run's `--shards/--limit/--fraction` selection, from the manifest's config).
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
-from recaption.journal import JOURNAL_DIR
-from recaption.records import DATA_SCHEMA, REJECTED_SCHEMA, Reason
-from recaption.sinks import DATA_DIR, REJECTED_DIR, load_manifest
-from recaption.sources import list_shards, read_samples
+from recaption.config import InputConfig
+from recaption.corpus import DATA_DIR, REJECTED_DIR, CorpusStore
+from recaption.records import DATA_SCHEMA, REJECTED_SCHEMA, Manifest, Reason
+from recaption.sources import Shard, input_shards, read_samples
 
 
 @dataclass
@@ -32,9 +36,11 @@ class Verdict:
         return not self.problems
 
 
-def _keys(path: Path, schema, verdict: Verdict, columns: list[str]) -> list[dict] | None:
+def _keys(
+    fs: pafs.FileSystem, path: str, schema, verdict: Verdict, columns: list[str]
+) -> list[dict] | None:
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, filesystem=fs)
     except Exception as exc:  # any unreadable file is a finding, not a crash
         verdict.problems.append(f"{path}: unreadable: {exc}")
         return None
@@ -49,27 +55,42 @@ def _keys(path: Path, schema, verdict: Verdict, columns: list[str]) -> list[dict
     return table.select([c for c in columns if c in table.column_names]).to_pylist()
 
 
-def verify(corpus: Path, input_path: str | None = None, input_format: str = "auto") -> Verdict:
+def _input(manifest: Manifest, path: str, fmt: str) -> list[Shard]:
+    """The input shards as the corpus's run selected them."""
+    recorded = {**manifest.config.get("input", {}), "path": path}
+    if fmt != "auto":
+        recorded["format"] = fmt
+    try:
+        cfg = InputConfig.model_validate(recorded)
+    except ValidationError:  # a manifest from elsewhere: read the input whole
+        cfg = InputConfig(path=path, format=fmt)
+    return input_shards(cfg)
+
+
+def verify(
+    corpus: str | Path, input_path: str | None = None, input_format: str = "auto"
+) -> Verdict:
     verdict = Verdict()
-    manifest = load_manifest(corpus)
+    store = CorpusStore(corpus)
+    manifest = store.load_manifest()
     if manifest is None:
         verdict.problems.append(f"{corpus}: no manifest.json")
         return verdict
-    data_ids = {p.stem for p in (corpus / DATA_DIR).glob("*.parquet")}
-    rejected_ids = {p.stem for p in (corpus / REJECTED_DIR).glob("*.parquet")}
+    data_files, rejected_files = store.shard_files(DATA_DIR), store.shard_files(REJECTED_DIR)
+    data_ids, rejected_ids = set(data_files), set(rejected_files)
     for sid in sorted(data_ids ^ rejected_ids):
         verdict.problems.append(f"shard {sid}: has only one of data/ and rejected/")
     for sid in sorted(set(manifest.shards) - (data_ids & rejected_ids)):
         verdict.problems.append(f"shard {sid}: in the manifest but its files are missing")
     for sid in sorted((data_ids & rejected_ids) - set(manifest.shards)):
         verdict.notes.append(f"shard {sid}: files present but not in the manifest (unfinished)")
-    for journal in sorted((corpus / JOURNAL_DIR).glob("*.jsonl")):
+    for journal in store.journals():
         verdict.notes.append(f"shard {journal.stem}: journal present (a run was interrupted)")
 
     expected: dict[str, Counter[str]] | None = None
     if input_path is not None:
         expected = {}
-        for shard in list_shards(input_path, input_format):
+        for shard in _input(manifest, input_path, input_format):
             expected[shard.id] = Counter(sample.key for sample in read_samples(shard))
         for sid in sorted(set(expected) - set(manifest.shards)):
             verdict.problems.append(f"shard {sid}: in the input but not in the corpus")
@@ -78,10 +99,9 @@ def verify(corpus: Path, input_path: str | None = None, input_format: str = "aut
 
     for sid in sorted(set(manifest.shards) & data_ids & rejected_ids):
         verdict.shards += 1
-        data = _keys(corpus / DATA_DIR / f"{sid}.parquet", DATA_SCHEMA, verdict, ["key"])
-        rejected = _keys(
-            corpus / REJECTED_DIR / f"{sid}.parquet", REJECTED_SCHEMA, verdict, ["key", "reason"]
-        )
+        fs = store.arrow_fs
+        data = _keys(fs, data_files[sid], DATA_SCHEMA, verdict, ["key"])
+        rejected = _keys(fs, rejected_files[sid], REJECTED_SCHEMA, verdict, ["key", "reason"])
         if data is None or rejected is None:
             continue
         report = manifest.shards[sid]

@@ -1,6 +1,8 @@
 import asyncio
 import io
 import random
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -8,8 +10,14 @@ import skimage.data
 from PIL import Image, ImageDraw, ImageFont
 
 from recaption.captioners import make_captioner
-from recaption.captioners.analyzer import position_phrase, text_likely
-from recaption.config import CaptionerConfig, ImageConfig, PipelineConfig, ValidationConfig
+from recaption.captioners.analyzer import Analyzer, position_phrase, text_likely
+from recaption.config import (
+    CaptionerConfig,
+    ConfigError,
+    ImageConfig,
+    PipelineConfig,
+    ValidationConfig,
+)
 from recaption.images import prepare
 from recaption.scenes import random_scene, render
 from recaption.validation import validate_caption
@@ -95,3 +103,89 @@ def test_text_gate_skips_ocr_on_flat_scenes():
 def test_ocr_can_be_turned_off():
     analyzer = make_captioner(PipelineConfig(captioner=CaptionerConfig(ocr="never")))
     assert caption_of(analyzer, sign("OPEN DAILY")).visible_text == []
+
+
+# --- it states only what it checked ---------------------------------------------------------
+
+
+def with_captioner(**captioner) -> PipelineConfig:
+    return PipelineConfig(captioner=CaptionerConfig(**captioner))
+
+
+def says(caption, word: str) -> bool:
+    """Does any field of the caption use the word (or its plural)?"""
+    said = f"{caption.caption} {caption.caption_short} {' '.join(caption.objects)}"
+    return bool(re.search(rf"\b{word}s?\b", said, re.IGNORECASE))
+
+
+def photo(name: str) -> Image.Image:
+    return Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB")
+
+
+@pytest.fixture
+def without_ocr_package(monkeypatch):
+    """The environment without the OCR extra: importing it fails."""
+    monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)
+
+
+def test_without_the_ocr_package_it_says_nothing_about_text(without_ocr_package):
+    analyzer = make_captioner(PipelineConfig())  # ocr: auto goes without it
+    for im in (sign("OPEN DAILY"), photo("coffee")):
+        caption = caption_of(analyzer, im)
+        assert caption.visible_text == []
+        assert not says(caption, "text"), caption.caption
+        assert "No faces are visible." in caption.caption  # the faces were checked
+
+
+def test_with_ocr_never_it_says_nothing_about_text():
+    analyzer = make_captioner(with_captioner(ocr="never"))
+    for im in (sign("OPEN DAILY"), photo("coffee")):
+        caption = caption_of(analyzer, im)
+        assert not says(caption, "text"), caption.caption
+        assert "No faces are visible." in caption.caption
+
+
+def test_with_faces_off_it_says_nothing_about_faces():
+    for ocr in ("never", "auto"):
+        analyzer = make_captioner(with_captioner(faces=False, ocr=ocr))
+        for name in ("astronaut", "coffee"):  # the astronaut's face is found when looked for
+            caption = caption_of(analyzer, photo(name))
+            assert not says(caption, "face"), caption.caption
+            if ocr == "never":
+                assert not says(caption, "text"), caption.caption
+
+
+def test_with_faces_off_it_says_only_that_no_text_is_visible():
+    pytest.importorskip("rapidocr_onnxruntime")
+    caption = caption_of(make_captioner(with_captioner(faces=False)), photo("coffee"))
+    assert "No legible text is visible." in caption.caption
+    assert not says(caption, "face")
+
+
+def test_when_both_were_checked_and_nothing_found_it_says_so(analyzer):
+    pytest.importorskip("rapidocr_onnxruntime")
+    assert "No faces or legible text are visible." in caption_of(analyzer, photo("coffee")).caption
+
+
+def test_ocr_always_without_the_package_is_a_one_line_config_error(without_ocr_package):
+    cfg = with_captioner(ocr="always")
+    for make in (make_captioner, Analyzer.check):
+        with pytest.raises(ConfigError, match=re.escape("pip install 'recaption[ocr]'")) as err:
+            make(cfg)
+        assert "\n" not in str(err.value) and "captioner.ocr=always" in str(err.value)
+
+
+def test_a_scanned_page_is_not_called_a_photograph(analyzer):
+    caption = caption_of(analyzer, photo("page"))
+    assert caption.style == "black-and-white image"
+    assert "photograph" not in caption.caption and "photograph" not in caption.caption_short
+    assert caption.caption.startswith("A black-and-white image ")
+    validate_caption(caption, ValidationConfig())
+
+
+def test_a_smooth_render_is_an_image_not_a_photograph(analyzer):
+    yy, xx = np.mgrid[:384, :512] / 512.0
+    gradient = np.stack([0.2 + 0.6 * yy, 0.3 + 0.4 * xx, 0.8 - 0.3 * yy], -1)
+    caption = caption_of(analyzer, Image.fromarray((gradient * 255).astype(np.uint8)))
+    assert caption.style == "image"
+    assert caption.caption.startswith("An image ")

@@ -13,7 +13,7 @@ from test_pipeline import assert_invariant
 
 from recaption.cli import main
 from recaption.config import load_config
-from recaption.journal import BATCHES_DIR
+from recaption.corpus import BATCHES_DIR
 from recaption.pipeline import run
 from recaption.pricing import PRICES
 

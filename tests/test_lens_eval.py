@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from recaption import ablation
 from recaption.fidelity import parse
-from recaption.lens import ablation
 from recaption.lens.detect import Detection, Found
 from recaption.lens.eval import detector_accuracy, passes
 from recaption.lens.prompts import CATEGORIES, Prompt, Want, geneval_prompts, read_prompts

@@ -17,7 +17,8 @@ from tiny_vlm import build_tiny_vlm
 
 from recaption.captioners.local import read_reply
 from recaption.config import load_config
-from recaption.pipeline import RunError, process_shard, run
+from recaption.pipeline import RunError, run
+from recaption.shard import process_shard
 from recaption.sources import list_shards
 
 RELAXED = [  # let noise through validation, to check the records it makes

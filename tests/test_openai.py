@@ -15,8 +15,9 @@ from test_pipeline import assert_invariant
 from recaption.captioners import CaptionerFatal, CaptionFailure, make_captioner
 from recaption.config import ConfigError, load_config
 from recaption.images import prepare
-from recaption.pipeline import RunError, process_shard, run
+from recaption.pipeline import RunError, run
 from recaption.pricing import PRICES
+from recaption.shard import process_shard
 from recaption.sources import list_shards
 
 KEY = "fake-test-key-do-not-write-me-anywhere"

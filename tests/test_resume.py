@@ -21,8 +21,10 @@ from test_pipeline import assert_invariant
 
 from recaption.captioners import make_captioner
 from recaption.config import load_config
-from recaption.journal import Journal, journal_path
-from recaption.pipeline import RunError, corpus_lock, process_shard, run
+from recaption.corpus import corpus_lock, journal_path
+from recaption.journal import Journal
+from recaption.pipeline import RunError, run
+from recaption.shard import process_shard
 from recaption.sources import list_shards
 from recaption.verify import verify
 

@@ -13,6 +13,7 @@ from recaption.cli import main
 from recaption.colors import PALETTE
 from recaption.config import load_config
 from recaption.fidelity import Tally, parse
+from recaption.grid import PLACES, cell_of, position_phrase
 from recaption.pipeline import run
 from recaption.samples import write_scenes
 from recaption.scenes import CELLS, HELD_OUT, SCENES, random_scene, render
@@ -45,6 +46,15 @@ def test_the_ground_truth_is_what_is_rendered():
         corner = pixels[1, 1]  # corners are never covered: shapes stay inside their cells
         bg = np.array(PALETTE[scene.background])
         assert np.abs(corner - bg).max() <= (0 if scene.texture == "plain" else 16)
+
+
+def test_the_grid_words_a_place_the_same_everywhere():
+    """The analyzer's phrase for a cell is read back by the parser as the ground truth's name."""
+    for (row, col), name in CELLS.items():
+        cx, cy = (col + 0.5) / 3, (row + 0.5) / 3
+        assert cell_of(cx, cy) == name
+        assert position_phrase(cx, cy) == PLACES[name]
+        assert parse(f"a red circle {PLACES[name]}").positions == {("red", "circle", name)}
 
 
 def test_the_parser_reads_known_statements():

@@ -27,16 +27,17 @@ from typing import Any
 from PIL import Image
 from pydantic import ValidationError
 
-from recaption.captioners import CaptionFailure, CaptionResult
-from recaption.captioners.openai import (
+from recaption.captioners.base import Captioner, CaptionFailure, CaptionResult
+from recaption.captioners.prompt import (
     USER_TEXT,
     load_prompt,
     parse_json_object,
     prompt_with_schema,
 )
-from recaption.config import CaptionerConfig, ConfigError
+from recaption.config import CaptionerConfig, PipelineConfig
+from recaption.errors import ConfigError
 from recaption.images import PreparedImage
-from recaption.records import Caption, Reason
+from recaption.records import Caption, Reason, Usage
 
 CPU_BATCH = 4
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -84,14 +85,15 @@ def read_reply(text: str) -> tuple[Caption, bool]:
         return fallback_caption(text), False
 
 
-class TransformersCaptioner:
+class TransformersCaptioner(Captioner):
     backend = "transformers"
 
-    def __init__(self, cfg: CaptionerConfig):
+    def __init__(self, config: PipelineConfig, limiters: dict[str, Any] | None = None):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.cfg = cfg
+        super().__init__(config, limiters)
+        self.cfg = cfg = config.captioner
         path = check_model_path(cfg)
         self.model = cfg.model or path.name
         self.prompt_version, prompt = load_prompt(cfg.prompt)
@@ -112,11 +114,19 @@ class TransformersCaptioner:
         ]
         self.text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         self.batch_size = cfg.batch_size or self._batch_by_memory()
-        self.counters: Counter[str] = Counter()  # requests (images) and their outcomes
         self.timings: Counter[str] = Counter()  # generate_s, batches, images: for bench/
         self._queue: asyncio.Queue | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._batcher: asyncio.Task | None = None
+
+    @classmethod
+    def identity(cls, cfg: PipelineConfig) -> tuple[str, str]:
+        model = cfg.captioner.model or check_model_path(cfg.captioner).name
+        return model, load_prompt(cfg.captioner.prompt)[0]
+
+    @classmethod
+    def check(cls, cfg: PipelineConfig) -> None:
+        check_model_path(cfg.captioner)
 
     def _batch_by_memory(self) -> int:
         """On a GPU: as many sequences as half the free memory holds in KV cache."""
@@ -164,8 +174,10 @@ class TransformersCaptioner:
             try:
                 results = await asyncio.to_thread(self._generate, [im for im, _ in batch])
             except Exception as exc:  # the whole batch failed (out of memory, a bad image)
-                results = [CaptionFailure(Reason.caption_error, f"{type(exc).__name__}: {exc}")]
-                results *= len(batch)
+                detail = f"{type(exc).__name__}: {exc}"
+                results = [
+                    CaptionFailure(Reason.caption_error, detail, Usage(attempts=1)) for _ in batch
+                ]
             for (_, done), result in zip(batch, results, strict=True):
                 if done.done():
                     continue
@@ -208,18 +220,16 @@ class TransformersCaptioner:
         ):
             ended = any(t in eos_ids for t in row)
             output_tokens = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
-            usage = {"input_tokens": int(prompt_tokens), "output_tokens": output_tokens}
+            usage = Usage(int(prompt_tokens), output_tokens, attempts=1)
             if not ended:
-                outcomes = Counter(requests=1, truncated=1)
+                usage.outcomes.update(requests=1, truncated=1)
                 detail = f"no end of reply within max_output_tokens={self.cfg.max_output_tokens}"
-                results.append(
-                    CaptionFailure(Reason.truncated_output, detail, outcomes=outcomes, **usage)
-                )
+                results.append(CaptionFailure(Reason.truncated_output, detail, usage))
             else:
                 caption, as_json = read_reply(text)
-                outcomes = Counter(requests=1, **{"json" if as_json else "text_fallback": 1})
-                results.append(CaptionResult(caption=caption, outcomes=outcomes, **usage))
-            self.counters.update(outcomes)
+                usage.outcomes.update(requests=1, **{"json" if as_json else "text_fallback": 1})
+                results.append(CaptionResult(caption=caption, usage=usage))
+            self.counters.update(usage.outcomes)
         return results
 
     def image_tokens(self, image: PreparedImage) -> int:

@@ -14,17 +14,13 @@ decide when to try again. API keys come from the environment and are never logge
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import email.utils
 import json
 import os
 import random
-import re
 import time
-from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -36,259 +32,43 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from recaption.captioners import CaptionerFatal, CaptionFailure, CaptionResult
-from recaption.config import CaptionerConfig, ConfigError, EndpointConfig, LimitsConfig
+from recaption.captioners.base import Captioner, CaptionFailure, CaptionResult
+from recaption.captioners.endpoints import (
+    DEFAULT_MODEL,
+    ENV_VARS,
+    Endpoint,
+    EndpointPool,
+    auth_message,
+    cause,
+    check_credentials,
+    endpoint_configs,
+    key_env,
+    preflight,
+)
+from recaption.captioners.prompt import (
+    USER_TEXT,
+    load_prompt,
+    parse_json_object,
+    prompt_with_schema,
+)
+from recaption.config import PipelineConfig
+from recaption.errors import CaptionerFatal, Rejected
 from recaption.images import PreparedImage
 from recaption.limits import EndpointLimiter, Permit, Quota
 from recaption.pricing import Price, image_tokens, price_for
-from recaption.records import Caption, Reason
+from recaption.records import Caption, Reason, Usage
 from recaption.validation import REFUSALS
 
-DEFAULT_MODEL = "gpt-4.1"
-PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
-BENCH_AFTER = 5  # consecutive transport failures before an endpoint is benched
-BENCH_S = 30.0
 _MAX_RATE_LIMITED = 50  # 429s one image may meet before it is rejected as rate_limited
-# read by the SDK or by us; forwarded to worker actors on other nodes
-ENV_VARS = (
-    "OPENAI_BASE_URL",
-    "OPENAI_ORG_ID",
-    "OPENAI_PROJECT_ID",
-    "AZURE_OPENAI_ENDPOINT",
-    "OPENAI_API_VERSION",
-)
-USER_TEXT = "Caption this image."  # sent with each image, after the system prompt
 _MIME = {"jpeg": "image/jpeg", "webp": "image/webp", "png": "image/png"}
 
 
-# --- prompts and endpoints --------------------------------------------------------------------
-
-
-def load_prompt(name: str) -> tuple[str, str]:
-    """(version, text) of a bundled prompt name or a prompt file; the version is its stem."""
-    path = Path(name) if name.endswith((".md", ".txt")) else PROMPTS / f"{name}.md"
-    if not path.is_file():
-        bundled = ", ".join(sorted(p.stem for p in PROMPTS.glob("*.md")))
-        raise ConfigError(f"captioner.prompt {name!r}: no such file (bundled: {bundled})")
-    return path.stem, path.read_text().strip()
-
-
-def prompt_with_schema(prompt: str) -> str:
-    """The prompt for output modes that carry no schema on the wire (JSON mode, text)."""
-    schema = json.dumps(Caption.model_json_schema())
-    return f"{prompt}\n\nReply with only the JSON object, matching this JSON Schema:\n{schema}"
-
-
-def endpoint_configs(cfg: CaptionerConfig, limits: LimitsConfig) -> list[EndpointConfig]:
-    """The endpoint pool; without `captioner.endpoints`, one made of the top-level keys."""
-    if cfg.endpoints:
-        names = [e.name for e in cfg.endpoints]
-        if len(set(names)) != len(names):
-            raise ConfigError("captioner.endpoints: names must be unique")
-        return cfg.endpoints
-    return [
-        EndpointConfig(
-            name="default",
-            api=cfg.api,
-            base_url=cfg.base_url,
-            api_version=cfg.api_version,
-            rpm=limits.rpm,
-            tpm=limits.tpm,
-            max_in_flight=cfg.max_in_flight,
-        )
-    ]
-
-
-def key_env(ep: EndpointConfig) -> str:
-    return ep.api_key_env or ("AZURE_OPENAI_API_KEY" if ep.api == "azure" else "OPENAI_API_KEY")
-
-
-def check_credentials(ep: EndpointConfig) -> None:
-    """Fail before any work when an endpoint cannot be called; says which variable is missing."""
-    if ep.api == "azure":
-        missing = [key_env(ep)] if not os.environ.get(key_env(ep)) else []
-        if not (ep.base_url or os.environ.get("AZURE_OPENAI_ENDPOINT")):
-            missing.append("AZURE_OPENAI_ENDPOINT (or base_url)")
-        if not (ep.api_version or os.environ.get("OPENAI_API_VERSION")):
-            missing.append("OPENAI_API_VERSION (or api_version)")
-    else:
-        # a local server (base_url set) may need no key; api.openai.com always does
-        local = ep.base_url or os.environ.get("OPENAI_BASE_URL")
-        missing = [] if local or os.environ.get(key_env(ep)) else [key_env(ep)]
-    if missing:
-        raise ConfigError(
-            f"missing credentials for endpoint {ep.name!r}: set {' and '.join(missing)}"
-        )
-
-
-def make_client(ep: EndpointConfig, timeout_s: float) -> openai.AsyncOpenAI:
-    key = os.environ.get(key_env(ep))
-    if ep.api == "azure":
-        return openai.AsyncAzureOpenAI(
-            api_key=key,
-            azure_endpoint=ep.base_url or os.environ.get("AZURE_OPENAI_ENDPOINT"),
-            api_version=ep.api_version or os.environ.get("OPENAI_API_VERSION"),
-            max_retries=0,
-            timeout=timeout_s,
-        )
-    return openai.AsyncOpenAI(
-        api_key=key or "not-needed",  # local servers ignore it; the SDK insists on one
-        base_url=ep.base_url or os.environ.get("OPENAI_BASE_URL") or None,
-        max_retries=0,
-        timeout=timeout_s,
-    )
-
-
-async def preflight(cfg: CaptionerConfig, limits: LimitsConfig) -> None:
-    """Is every endpoint reachable and does it take our key? Costs no tokens (GET /models)."""
-    for ep in endpoint_configs(cfg, limits):
-        check_credentials(ep)
-        client = make_client(ep, timeout_s=15)
-        try:
-            await client.models.list()
-        except openai.AuthenticationError as exc:
-            raise CaptionerFatal(_auth_message(ep, exc)) from None
-        except openai.APIConnectionError as exc:
-            url = str(client.base_url).rstrip("/")
-            raise CaptionerFatal(
-                f"endpoint {ep.name!r} at {url} is unreachable: {_cause(exc)}"
-            ) from None
-        except openai.APIStatusError:
-            pass  # it answered: some servers (Azure deployments) have no /models
-        finally:
-            await client.close()
-
-
-def _auth_message(ep: EndpointConfig, exc: openai.APIStatusError) -> str:
-    return (
-        f"endpoint {ep.name!r} refused the API key from ${key_env(ep)} "
-        f"(HTTP {exc.status_code}); stopping instead of rejecting every image"
-    )
-
-
-def _cause(exc: BaseException) -> str:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return str(exc) or type(exc).__name__
-
-
-# --- one endpoint -----------------------------------------------------------------------------
-
-
-class Endpoint:
-    """A deployment as one worker sees it: client, quota, health and what output modes work."""
-
-    def __init__(self, ep: EndpointConfig, quota: Quota, cfg: CaptionerConfig):
-        self.config = ep
-        self.name = ep.name
-        self.model = ep.model or cfg.model or DEFAULT_MODEL
-        self.quota = quota
-        self.timeout_s = cfg.timeout_s
-        self.mode = "json_schema" if cfg.response_format == "auto" else cfg.response_format
-        self.fallback = cfg.response_format == "auto"
-        self.failures = 0
-        self.benched_until = 0.0
-        self.probing = False
-        self.in_flight = 0  # this worker's requests to it now; capped by max_in_flight
-        self._client: openai.AsyncOpenAI | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def client(self) -> openai.AsyncOpenAI:
-        # one connection pool per worker and event loop (a pool cannot outlive its loop)
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
-            self._client, self._loop = make_client(self.config, self.timeout_s), loop
-        return self._client
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = self._loop = None
-
-    def healthy(self, now: float) -> bool:
-        return now >= self.benched_until and not self.probing
-
-    @property
-    def slots(self) -> float:
-        """Requests it may still take from this worker now."""
-        cap = self.config.max_in_flight
-        return float("inf") if cap is None else cap - self.in_flight
-
-    async def probe(self) -> None:
-        """Back from the bench only if it answers GET /models (no tokens); else benched again,
-        so no image spends an attempt on a server that is still down."""
-        self.probing = True
-        try:
-            await self.client.models.list(timeout=5)
-            self.benched_until = 0.0
-        except openai.APIStatusError:
-            self.benched_until = 0.0  # it answered: some servers have no /models
-        except openai.APIError:
-            self.benched_until = time.monotonic() + BENCH_S
-        finally:
-            self.probing = False
-
-    def record(self, transport_ok: bool) -> None:
-        if transport_ok:
-            self.failures = 0
-            return
-        self.failures += 1
-        if self.failures >= BENCH_AFTER:  # keeps failing: let the others carry the load
-            self.benched_until = time.monotonic() + BENCH_S
-            self.failures = 0
-
-    def degrade(self) -> bool:
-        """The server rejected our response_format: use the next simpler one, if allowed."""
-        nxt = {"json_schema": "json_object", "json_object": "text"}.get(self.mode)
-        if not self.fallback or nxt is None:
-            return False
-        self.mode = nxt
-        return True
-
-
-class EndpointPool:
-    def __init__(self, endpoints: list[Endpoint]):
-        self.endpoints = endpoints
-
-    async def acquire(self, tokens: int) -> tuple[Endpoint, Permit]:
-        """A permit from a healthy endpoint with room, the one with the most free quota (or,
-        for self-hosted servers, the most free in-flight slots) first."""
-        while True:
-            now = time.monotonic()
-            for endpoint in self.endpoints:
-                if (
-                    endpoint.benched_until
-                    and now >= endpoint.benched_until
-                    and not endpoint.probing
-                ):
-                    await endpoint.probe()
-            healthy = [e for e in self.endpoints if e.healthy(now)]
-            if not healthy:  # all benched: wait for the first to come back
-                soonest = min(e.benched_until for e in self.endpoints) - now
-                await asyncio.sleep(min(max(soonest, 0.05), 1.0))
-                continue
-            waits = []
-            with_room = [e for e in healthy if e.slots > 0]
-            for endpoint in sorted(with_room, key=lambda e: (-e.quota.free, -e.slots)):
-                got = await endpoint.quota.try_acquire(tokens)
-                if isinstance(got, Permit):
-                    return endpoint, got
-                waits.append(got)
-            # no room anywhere: a slot frees when a reply comes, so look again soon
-            await asyncio.sleep(min(max(min(waits, default=0.005), 0.005), 1.0))
-
-
-# --- the captioner ----------------------------------------------------------------------------
-
-
-class Retry(Exception):
-    """An attempt failed in a way worth another try."""
+class Retry(Rejected):
+    """An attempt failed in a way worth another try; out of tries, the image is rejected
+    with its reason."""
 
     def __init__(self, reason: Reason, detail: str, rate_limited: bool = False):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+        super().__init__(reason, detail)
         self.rate_limited = rate_limited
 
 
@@ -299,19 +79,16 @@ class Tries:
     max_tokens: int
     image_url: str  # the prepared image as a base64 data URL, encoded once
     image_tokens: int
-    attempts: int = 0  # HTTP attempts, all told
-    rate_limited: int = 0  # of which answered 429: these cost nothing and spend no budget
+    # HTTP attempts, all told; each paid at its own price (batch attempts cost half)
+    usage: Usage = field(default_factory=Usage)
+    rate_limited: int = 0  # attempts answered 429: these cost nothing and spend no budget
     refusals: int = 0
     truncations: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0  # each attempt at its own price (batch attempts cost half)
-    outcomes: Counter[str] = field(default_factory=Counter)  # requests and what came back
 
     def paid(self, usage: Any, price: Price) -> None:
-        self.input_tokens += usage.prompt_tokens
-        self.output_tokens += usage.completion_tokens
-        self.cost_usd += price.cost(usage.prompt_tokens, usage.completion_tokens)
+        self.usage.input_tokens += usage.prompt_tokens
+        self.usage.output_tokens += usage.completion_tokens
+        self.usage.cost_usd += price.cost(usage.prompt_tokens, usage.completion_tokens)
 
 
 _full_jitter = wait_random_exponential(multiplier=0.5, max=20)
@@ -341,33 +118,16 @@ def retry_after(headers: Any) -> float | None:
         return max(0.0, when.timestamp() - time.time()) if when else None
 
 
-def parse_json_object(text: str) -> Any:
-    """The JSON object in a reply: bare, fenced in ```json, or wrapped in prose."""
-    text = text.strip()
-    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
-    if fenced:
-        text = fenced.group(1).strip()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        start, end = text.find("{"), text.rfind("}")
-        if 0 <= start < end:
-            return json.loads(text[start : end + 1])  # JSONDecodeError if still broken
-        raise
-
-
-class OpenAICaptioner:
+class OpenAICaptioner(Captioner):
     backend = "openai"
+    paid = True
 
-    def __init__(
-        self,
-        cfg: CaptionerConfig,
-        limits: LimitsConfig,
-        limiters: dict[str, Any] | None = None,
-    ):
+    def __init__(self, config: PipelineConfig, limiters: dict[str, Any] | None = None):
         """`limiters`: endpoint name -> LimiterActor handle shared by the run's workers;
         None: in-process limiters (one worker, tests)."""
-        self.cfg = cfg
+        super().__init__(config, limiters)
+        self.cfg = cfg = config.captioner
+        limits = config.limits
         self.model = cfg.model or DEFAULT_MODEL
         self.prompt_version, self.prompt = load_prompt(cfg.prompt)
         configs = endpoint_configs(cfg, limits)
@@ -393,7 +153,31 @@ class OpenAICaptioner:
         }
         # without a schema on the wire (JSON mode, plain text) the prompt spells it out
         self.prompt_with_schema = prompt_with_schema(self.prompt)
-        self.counters: Counter[str] = Counter()  # requests and their outcomes, for progress
+
+    # -- what the driver asks before any worker -----------------------------------------------
+
+    @classmethod
+    def identity(cls, cfg: PipelineConfig) -> tuple[str, str]:
+        return cfg.captioner.model or DEFAULT_MODEL, load_prompt(cfg.captioner.prompt)[0]
+
+    @classmethod
+    def check(cls, cfg: PipelineConfig) -> None:
+        for ep in endpoint_configs(cfg.captioner, cfg.limits):
+            check_credentials(ep)
+
+    @classmethod
+    async def preflight(cls, cfg: PipelineConfig) -> None:
+        await preflight(cfg.captioner, cfg.limits)
+
+    @classmethod
+    def worker_env(cls, cfg: PipelineConfig) -> dict[str, str]:
+        endpoints = endpoint_configs(cfg.captioner, cfg.limits)
+        names = {*ENV_VARS, *(key_env(ep) for ep in endpoints)}
+        return {name: os.environ[name] for name in sorted(names) if name in os.environ}
+
+    @classmethod
+    def metered_endpoints(cls, cfg: PipelineConfig) -> dict[str, tuple[int | None, int | None]]:
+        return {ep.name: (ep.rpm, ep.tpm) for ep in endpoint_configs(cfg.captioner, cfg.limits)}
 
     async def aclose(self) -> None:
         for endpoint in self.pool.endpoints:
@@ -423,7 +207,7 @@ class OpenAICaptioner:
         budget = self.cfg.max_attempts
 
         def out_of_attempts(state: RetryCallState) -> bool:
-            paid = tries.attempts - tries.rate_limited
+            paid = tries.usage.attempts - tries.rate_limited
             return paid >= budget or tries.rate_limited >= _MAX_RATE_LIMITED
 
         retrying = AsyncRetrying(
@@ -441,29 +225,14 @@ class OpenAICaptioner:
         return self._result(caption, tries)
 
     def _result(self, caption: Caption, tries: Tries) -> CaptionResult:
-        return CaptionResult(
-            caption=caption,
-            input_tokens=tries.input_tokens,
-            output_tokens=tries.output_tokens,
-            cost_usd=tries.cost_usd,
-            attempts=tries.attempts,
-            outcomes=tries.outcomes,
-        )
+        return CaptionResult(caption=caption, usage=tries.usage)
 
     def _count(self, tries: Tries, outcome: str) -> None:
-        tries.outcomes[outcome] += 1
+        tries.usage.outcomes[outcome] += 1
         self.counters[outcome] += 1
 
     def _failure(self, reason: Reason, detail: str, tries: Tries) -> CaptionFailure:
-        return CaptionFailure(
-            reason,
-            detail,
-            tries.attempts,
-            input_tokens=tries.input_tokens,
-            output_tokens=tries.output_tokens,
-            cost_usd=tries.cost_usd,
-            outcomes=tries.outcomes,
-        )
+        return CaptionFailure(reason, detail, tries.usage)
 
     def _request(self, endpoint: Endpoint, tries: Tries) -> dict:
         system = self.prompt if endpoint.mode == "json_schema" else self.prompt_with_schema
@@ -507,7 +276,7 @@ class OpenAICaptioner:
             endpoint.in_flight -= 1
 
     async def _send(self, endpoint: Endpoint, permit: Permit, tries: Tries) -> Caption:
-        tries.attempts += 1
+        tries.usage.attempts += 1
         self._count(tries, "requests")
         request = self._request(endpoint, tries)
         try:
@@ -520,7 +289,7 @@ class OpenAICaptioner:
             endpoint.quota.pause(retry_after(exc.response.headers) or 1.0)
             raise Retry(Reason.rate_limited, _message(exc), rate_limited=True) from None
         except openai.AuthenticationError as exc:
-            raise CaptionerFatal(_auth_message(endpoint.config, exc)) from None
+            raise CaptionerFatal(auth_message(endpoint.config, exc)) from None
         except openai.NotFoundError as exc:
             raise CaptionerFatal(
                 f"endpoint {endpoint.name!r} has no model {endpoint.model!r} (HTTP 404): {_message(exc)}"
@@ -541,7 +310,7 @@ class OpenAICaptioner:
         except openai.APIConnectionError as exc:  # timeouts, refused and dropped connections
             self._count(tries, "connection_error")
             endpoint.record(transport_ok=False)
-            raise Retry(Reason.server_error, f"{type(exc).__name__}: {_cause(exc)}") from None
+            raise Retry(Reason.server_error, f"{type(exc).__name__}: {cause(exc)}") from None
         except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
             self._count(tries, "broken_response")
             raise Retry(Reason.schema_invalid, f"unreadable response: {exc}") from None

@@ -22,25 +22,15 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from recaption.config import ConfigError
+from recaption.corpus import DATA_DIR, CorpusStore
+from recaption.errors import ConfigError
 from recaption.lens.config import SOURCE_COLUMNS, DataConfig
 
 T = TypeVar("T")
 DROPPED = "dropped"  # the caption-dropout "source": an empty caption, for CFG
-
-
-def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or any URI pyarrow reads (s3://, gs://, hdfs://, file://)."""
-    if "://" in uri:
-        try:
-            return pafs.FileSystem.from_uri(uri)
-        except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-            raise ConfigError(f"cannot open {uri}: {exc}") from None
-    return pafs.LocalFileSystem(), uri
 
 
 @dataclass
@@ -68,12 +58,9 @@ class CorpusStream:
     drawn: Counter = field(default_factory=Counter)  # caption sources drawn so far
 
     def __post_init__(self) -> None:
-        self.fs, root = open_fs(self.corpus)
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(f"{root}/data", allow_not_found=True))
-        except OSError as exc:
-            raise ConfigError(f"cannot list {self.corpus}/data: {exc}") from None
-        self.files = sorted(i.path for i in infos if i.path.endswith(".parquet"))
+        store = CorpusStore(self.corpus)  # a local path or any URI the pipeline writes to
+        self.fs = store.arrow_fs
+        self.files = list(store.shard_files(DATA_DIR).values())
         if not self.files:
             raise ConfigError(
                 f"no corpus shards in {self.corpus}/data (make one with `recaption run`)"

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from recaption.colors import PALETTE, SCENE_COLORS, to_lab
-from recaption.scenes import cell_of
+from recaption.grid import cell_of
 
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 _SQUARE = np.ones((3, 3), np.uint8)

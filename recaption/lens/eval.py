@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from recaption.grid import centre_of
 from recaption.lens.data import decode
 from recaption.lens.detect import Detection, Found, detect
 from recaption.lens.prompts import CATEGORIES, Prompt, Want, layout
-from recaption.scenes import CELLS, SCENES, Scene, Shape, random_scene, render
-
-_CELL_INDEX = {name: rc for rc, name in CELLS.items()}  # "top left" -> (row 0, col 0)
+from recaption.scenes import SCENES, Scene, Shape, random_scene, render
 
 
 def _fits(want: Want, found: Found) -> bool:
@@ -50,8 +49,7 @@ def scene_for(prompt: Prompt, size: int = 256) -> Scene:
     """The scene the prompt's dense wording describes, rendered from ground truth."""
     shapes = []
     for color, kind, cell in layout(prompt.wants):
-        row, col = _CELL_INDEX[cell]
-        shapes.append(Shape(kind, color, (col + 0.5) / 3, (row + 0.5) / 3, 0.145))
+        shapes.append(Shape(kind, color, *centre_of(cell), 0.145))
     return Scene(size, size, "white", shapes)
 
 

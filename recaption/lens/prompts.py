@@ -14,16 +14,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from recaption.captioners.analyzer import position_phrase
-from recaption.scenes import CELLS, HELD_OUT, KINDS
+from recaption.grid import PLACES
+from recaption.scenes import HELD_OUT, KINDS
 
 _FILL_COLORS = ("red", "blue", "green", "orange", "purple", "yellow")
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 # where the dense template puts n objects whose place the prompt does not say
 _LAYOUT = {1: ["center"], 2: ["left", "right"], 3: ["left", "center", "right"]}
-# cell -> the analyzer's phrase for it ("in the top left"), so the template words it the same
-_PLACE = {cell: position_phrase((c + 0.5) / 3, (r + 0.5) / 3) for (r, c), cell in CELLS.items()}
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ def layout(wants: list[Want]) -> list[tuple[str, str, str]]:
 
 def dense(wants: list[Want]) -> str:
     """The analyzer's dense-caption wording of a scene that shows `wants`."""
-    parts = [f"{_a(f'medium-sized {c} {k}')} {_PLACE[cell]}" for c, k, cell in layout(wants)]
+    parts = [f"{_a(f'medium-sized {c} {k}')} {PLACES[cell]}" for c, k, cell in layout(wants)]
     there = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + f" and {parts[-1]}"
     shapes = "shape" if len(wants) == 1 else "shapes"
     return (
@@ -97,7 +95,7 @@ def geneval_prompts() -> list[Prompt]:
         pairs, ("top left", "bottom right", "top", "right", "bottom left", "left"), strict=True
     ):
         wants = [Want(kind, color, cell)]
-        short = f"a photo of {_a(f'{color} {kind}')} {_PLACE[cell]}"
+        short = f"a photo of {_a(f'{color} {kind}')} {PLACES[cell]}"
         out.append(Prompt("position", short, dense(wants), wants))
     for (c1, k1), (c2, k2) in zip(pairs, pairs[1:] + pairs[:1], strict=True):
         wants = [Want(k1, c1), Want(k2, c2)]

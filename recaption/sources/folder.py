@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from recaption.records import Reason
-from recaption.sources import Sample, Shard
+from recaption.sources.base import Sample, Shard
 
 
 def read_folder(shard: Shard) -> Iterator[Sample]:

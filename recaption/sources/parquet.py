@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 
 from recaption.records import Reason
-from recaption.sources import IMAGE_EXTENSIONS, Sample, Shard, status_error
+from recaption.sources.base import IMAGE_EXTENSIONS, Sample, Shard, status_error
 
 _BATCH_ROWS = 64  # bounded memory: one batch of image bytes at a time
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from recaption.records import Reason
-from recaption.sources import IMAGE_EXTENSIONS, Sample, Shard, status_error
+from recaption.sources.base import IMAGE_EXTENSIONS, Sample, Shard, status_error
 
 _META_COLUMNS = ("key", "url", "caption", "status", "error_message")
 

@@ -6,7 +6,7 @@ scenes ─▶ web shards ─▶ recaption (analyzer) ─▶ caption fidelity
                                       ─▶ GenEval-style eval, short and dense prompts
                                       ─▶ runs/ablation/report.md, accuracy.png, loss.png
 
-    python -m recaption.lens.ablation [--out runs/ablation] [--scenes 4000] [--steps 500]
+    python -m recaption.ablation [--out runs/ablation] [--scenes 4000] [--steps 500]
 
 Every stage is skipped when its output exists, so a stopped ablation resumes where it was.
 """
@@ -18,6 +18,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from recaption.corpus import MANIFEST
 
 # On top of the preset for every arm: small batches and the part of a dense caption that
 # names the shapes (the first 40 tokens) learn layout within a CPU budget; measured on
@@ -32,7 +34,7 @@ ARMS: dict[str, dict[str, float]] = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m recaption.lens.ablation", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m recaption.ablation", description=__doc__)
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--scenes", type=int, default=4000)
     p.add_argument("--steps", type=int, default=1500, help="training steps of every arm")
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["scenes"] = time.perf_counter() - t
 
     t = stage(f"recaption with the analyzer -> {corpus}")
-    if not (corpus / "manifest.json").exists():
+    if not (corpus / MANIFEST).exists():
         from recaption.config import load_config
         from recaption.pipeline import run
 

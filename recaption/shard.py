@@ -1,0 +1,312 @@
+"""The shard pass: one input shard in, its two corpus files out. The one per-sample path.
+
+    samples(shard): read ─▶ prepare ─────────────── (a Rejected at any step: a rejected/ row)
+      ─▶ the journal has its answer? replay it, no call
+      ─▶ answer(): captioner.caption, or the answer `settle` gave ─▶ validate
+      ─▶ write: a data/ row and a journal line
+    then both files are committed, and the pass reports what the shard became.
+
+`samples` and `answer` are the two pieces others reuse: `recaption estimate` draws and
+answers images with them, and a backend that answers whole shards (the Batch API) gets
+the shard's unanswered prepared images and the validation rules through a `ShardJob`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+
+from recaption.captioners.base import Answer, Captioner, CaptionFailure, CaptionResult, ShardJob
+from recaption.config import ImageConfig, PipelineConfig, ValidationConfig
+from recaption.corpus import CorpusStore, ShardWriter
+from recaption.errors import CaptionerFatal, Rejected, Unreadable
+from recaption.images import PreparedImage, prepare
+from recaption.journal import Journal
+from recaption.records import Caption, CaptionRecord, Reason, Rejection, ShardReport, Stage, Usage
+from recaption.sources import Sample, Shard, read_samples
+from recaption.validation import validate_caption
+
+_TRUNCATION = {Reason.truncated_member, Reason.missing_from_tar}
+OnSample = Callable[[Usage, bool], None]  # (what the sample cost, rejected?) as it is written
+
+
+class Timer(Counter[str]):
+    """Seconds per step, as `with timer("read"): ...` adds them up under `read_s`."""
+
+    @contextlib.contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[f"{step}_s"] += time.perf_counter() - t0
+
+
+def samples(
+    shard: Shard,
+    image: ImageConfig,
+    timer: Timer | None = None,
+    skip: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[Sample, PreparedImage | Rejected]]:
+    """Every sample of the shard with its prepared image, or the reason it has none. A key
+    for which `skip` says so is passed over before its image is decoded."""
+    timer = timer if timer is not None else Timer()
+    stream = read_samples(shard)
+    while True:
+        with timer("read"):
+            sample = next(stream, None)
+        if sample is None:
+            return
+        if sample.error is not None:
+            yield sample, Unreadable(*sample.error)
+            continue
+        if skip is not None and skip(sample.key):
+            continue
+        with timer("prepare"):
+            try:
+                prepared: PreparedImage | Rejected = prepare(sample.image, image)
+            except Rejected as exc:
+                prepared = exc
+            finally:
+                sample.image = None  # the raw bytes are not needed past this point
+        yield sample, prepared
+
+
+async def answer(
+    captioner: Captioner,
+    image: PreparedImage,
+    rules: ValidationConfig,
+    given: Answer | None = None,
+    timer: Timer | None = None,
+) -> tuple[CaptionResult, Caption]:
+    """Answer one prepared image and validate the caption: (the result, the caption as it is
+    stored). Raises Rejected, carrying what the attempts cost, when it gets no caption."""
+    timer = timer if timer is not None else Timer()
+    t0 = time.perf_counter()
+    with timer("caption"):
+        try:
+            if isinstance(given, CaptionFailure):
+                raise given
+            if isinstance(given, CaptionResult):
+                result = given
+            else:
+                result = await (given or captioner.caption)(image)
+        except (Rejected, CaptionerFatal):
+            raise  # a rejection for this image; or nothing can be captioned: stop the run
+        except Exception as exc:  # a backend bug must cost one row, not the shard
+            detail = f"{type(exc).__name__}: {exc}"
+            raise CaptionFailure(Reason.caption_error, detail, Usage(attempts=1)) from None
+    if result.latency_ms is None:
+        result.latency_ms = (time.perf_counter() - t0) * 1000
+    with timer("validate"):
+        try:
+            return result, validate_caption(result.caption, rules)
+        except Rejected as exc:
+            exc.usage = result.usage  # the caption was paid for
+            raise
+
+
+class ShardPass:
+    """Caption one shard and commit its output; every sample ends in data/ or rejected/.
+    `in_flight` bounds the images being captioned; a worker shares one across its shards."""
+
+    def __init__(
+        self,
+        shard: Shard,
+        cfg: PipelineConfig,
+        captioner: Captioner,
+        on_sample: OnSample | None = None,
+        in_flight: asyncio.Semaphore | None = None,
+    ):
+        self.shard, self.cfg, self.captioner = shard, cfg, captioner
+        self.on_sample = on_sample or (lambda usage, rejected: None)
+        self.in_flight = in_flight or asyncio.Semaphore(cfg.limits.concurrency)
+        self.store = CorpusStore(cfg.output.path, cfg.output.staging)
+        self.writer = ShardWriter(self.store, shard.id, cfg.output.row_group_size)
+        # what an earlier, unfinished run of this shard already answered
+        self.journal = Journal(self.store.local, shard.id, enabled=cfg.output.journal)
+        self.timer = Timer()
+        self.usage = Usage()  # every attempt of the shard's samples, rejected ones included
+        self.rejected: Counter[str] = Counter()
+        self.samples = self.resumed = 0
+
+    async def run(self) -> ShardReport:
+        started = time.perf_counter()
+        tasks: set[asyncio.Task] = set()
+
+        def finished(task: asyncio.Task) -> None:
+            tasks.discard(task)
+            self.in_flight.release()
+
+        try:
+            # a backend that answers whole shards does so first; the pass below writes them
+            answers = await self.captioner.settle(self.job())
+            for sample, image in samples(self.shard, self.cfg.captioner.image, self.timer):
+                self.samples += 1
+                if isinstance(image, Rejected):
+                    self.reject(sample, image)
+                elif sample.key in self.journal.answered:
+                    self.replay(sample, image, self.journal.answered[sample.key])
+                else:
+                    await self.in_flight.acquire()  # at most `limits.concurrency` in flight
+                    given = answers.pop(sample.key, None)
+                    task = asyncio.create_task(self.caption(sample, image, given))
+                    tasks.add(task)
+                    task.add_done_callback(finished)
+            await asyncio.gather(*tasks)
+            with self.timer("write"):
+                self.writer.commit()
+        except BaseException:
+            for task in tasks:  # a worker's event loop outlives the shard: leave nothing running
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.writer.abort()
+            raise
+        finally:
+            self.journal.close()  # kept until the manifest records the shard; the driver removes it
+        self.timer["total_s"] = time.perf_counter() - started
+        return self.report()
+
+    async def caption(self, sample: Sample, image: PreparedImage, given: Answer | None) -> None:
+        try:
+            result, caption = await answer(
+                self.captioner, image, self.cfg.validation, given, self.timer
+            )
+        except Rejected as exc:
+            return self.reject(sample, exc)
+        with self.timer("write"):
+            self.write(sample, image, result, caption)
+
+    # -- what becomes of a sample ---------------------------------------------------------------
+
+    def write(
+        self, sample: Sample, image: PreparedImage, result: CaptionResult, caption: Caption
+    ) -> None:
+        record = CaptionRecord(
+            key=sample.key,
+            shard=self.shard.id,
+            url=sample.url,
+            alt_text=sample.alt_text,
+            image=image.data if self.cfg.output.store_images else None,
+            image_sha256=image.sha256,
+            width=image.width,
+            height=image.height,
+            **caption.model_dump(),
+            model=self.captioner.model,
+            backend=self.captioner.backend,
+            prompt_version=self.captioner.prompt_version,
+            input_tokens=result.input_tokens,
+            output_tokens=result.output_tokens,
+            cost_usd=result.cost_usd,
+            attempts=result.attempts,
+            latency_ms=round(result.latency_ms or 0.0, 3),
+            created_at=datetime.now(UTC),
+        )
+        self.writer.add(record)
+        self.usage.add(result.usage)
+        self.journal.record(
+            "data", record.model_dump(mode="json", exclude={"image"}), result.usage.spent()
+        )
+        self.on_sample(result.usage, False)
+
+    def reject(self, sample: Sample, exc: Rejected) -> None:
+        rejection = Rejection(
+            key=sample.key,
+            shard=self.shard.id,
+            url=sample.url,
+            stage=exc.stage,
+            reason=exc.reason,
+            detail=exc.detail[:500],
+            attempts=exc.attempts,
+        )
+        self.writer.reject(rejection)
+        self.usage.add(exc.usage)
+        if exc.stage in (Stage.caption, Stage.validate):  # the captioner was asked: never again
+            self.journal.record("rejected", rejection.model_dump(mode="json"), exc.usage.spent())
+        self.rejected[exc.reason] += 1
+        self.on_sample(exc.usage, True)
+
+    def replay(self, sample: Sample, image: PreparedImage, entry: dict) -> None:
+        """A key answered before this shard was interrupted: its row, without a new call."""
+        spent = Usage.from_spent(entry["spent"])
+        self.usage.add(spent)
+        self.resumed += 1
+        if entry["kind"] == "data":
+            row = entry["row"] | {
+                "image": image.data if self.cfg.output.store_images else None,
+                "image_sha256": image.sha256,
+                "width": image.width,
+                "height": image.height,
+            }
+            self.writer.add(CaptionRecord.model_validate(row))
+        else:
+            self.writer.reject(Rejection.model_validate(entry["row"]))
+            self.rejected[entry["row"]["reason"]] += 1
+        self.on_sample(spent, entry["kind"] != "data")
+
+    # -- for a backend that answers whole shards --------------------------------------------------
+
+    def job(self) -> ShardJob:
+        return ShardJob(
+            id=self.shard.id,
+            state=self.store.batch_state_path(self.shard.id),
+            images=self.unanswered,
+            validate=lambda caption: validate_caption(caption, self.cfg.validation),
+        )
+
+    def unanswered(self, skip: Callable[[str], bool]) -> Iterator[tuple[str, PreparedImage]]:
+        """Prepared images the journal holds no answer for; unreadable and undecodable ones
+        are left to the pass, which rejects them."""
+        answered = self.journal.answered
+        for sample, image in samples(
+            self.shard, self.cfg.captioner.image, skip=lambda key: key in answered or skip(key)
+        ):
+            if not isinstance(image, Rejected):
+                yield sample.key, image
+
+    def report(self) -> ShardReport:
+        outcomes = Counter(self.usage.outcomes)
+        requests = outcomes.pop("requests", 0)
+        return ShardReport(
+            shard=self.shard.id,
+            source=str(self.shard.path),
+            samples=self.samples,
+            captioned=self.writer.data.count,
+            rejected=self.writer.rejected.count,
+            rejected_by_reason=dict(sorted(self.rejected.items())),
+            truncated=any(reason in _TRUNCATION for reason in self.rejected),
+            input_tokens=self.usage.input_tokens,
+            output_tokens=self.usage.output_tokens,
+            cost_usd=self.usage.cost_usd,
+            requests=requests,
+            request_outcomes=dict(sorted(outcomes.items())),
+            resumed=self.resumed,
+            backend=self.captioner.backend,
+            model=self.captioner.model,
+            prompt_version=self.captioner.prompt_version,
+            timings={k: round(v, 4) for k, v in sorted(self.timer.items())},
+            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            worker=f"{socket.gethostname()}:{os.getpid()}",
+            finished_at=datetime.now(UTC),
+        )
+
+
+def process_shard(
+    shard: Shard, cfg: PipelineConfig, captioner: Captioner, on_sample: OnSample | None = None
+) -> ShardReport:
+    """The shard pass on its own event loop (tests, benchmarks, one process)."""
+
+    async def once() -> ShardReport:
+        try:
+            return await ShardPass(shard, cfg, captioner, on_sample).run()
+        finally:
+            await captioner.aclose()  # its connections belong to this event loop
+
+    return asyncio.run(once())
