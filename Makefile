@@ -7,7 +7,7 @@ SHARDS := data/shards
 CORPUS := data/corpus
 TRAIN_STEPS ?= 600
 
-.PHONY: setup browser recaption train ablation test lint format schemas bench bench-openai bench-lens clean
+.PHONY: setup browser recaption train ablation test lint format schemas dist bench bench-openai bench-lens clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 recaption: setup
 	$(BIN)/recaption samples $(SHARDS)
-	$(BIN)/recaption run --pipeline pipelines/default.yaml --input $(SHARDS) --output $(CORPUS)
+	$(BIN)/recaption run --pipeline default --input $(SHARDS) --output $(CORPUS)
 	$(BIN)/recaption report $(CORPUS)
 
 # The bundled Lens trainer on the corpus `make recaption` wrote (made first if missing).
@@ -55,6 +55,10 @@ format: setup
 
 schemas: setup
 	$(BIN)/recaption schemas schemas
+
+# The sdist and the wheel users install (the bundled pipelines inside), in build/dist/.
+dist: setup
+	$(BIN)/python -m build --outdir build/dist .
 
 bench: setup
 	$(BIN)/python bench/pipeline_bench.py

@@ -44,7 +44,10 @@ def run_cli(shards: Path, corpus: Path, *overrides: str) -> tuple[float, dict]:
         args += ["--set", o]
     t0 = time.perf_counter()
     subprocess.run(args, check=True, capture_output=True)
-    return time.perf_counter() - t0, json.loads((corpus / "manifest.json").read_text())
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    # the per-shard reports: one commit record each
+    manifest["shards"] = {p.stem: json.loads(p.read_text()) for p in (corpus / "commits").iterdir()}
+    return time.perf_counter() - t0, manifest
 
 
 def bare_decode_resize_encode(shards: Path, max_side: int = 512) -> tuple[int, float]:

@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from recaption.config import load_config
         from recaption.pipeline import run
 
-        cfg = load_config(
-            "pipelines/default.yaml", [f"input.path={scenes}", f"output.path={corpus}"]
-        )
+        cfg = load_config("default", [f"input.path={scenes}", f"output.path={corpus}"])
         if run(cfg, show_progress=False).failed:
             print("ablation: captioning failed; see above", file=sys.stderr)
             return 1

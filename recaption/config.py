@@ -64,6 +64,12 @@ class ImageConfig(Strict):
     max_pixels: int = Field(
         100_000_000, ge=1, description="decompression-bomb guard on the header size"
     )
+    # auto: an input that already conforms (format, RGB, size, bytes, upright) is sent as it
+    # came, undecoded; always: every image is decoded and re-encoded
+    reencode: Literal["auto", "always"] = "auto"
+    max_bytes: int = Field(
+        1_500_000, ge=1, description="inputs larger than this are re-encoded, whatever else"
+    )
     # openai: the vision `detail` sent with the image; "low" is 85 tokens at any size
     detail: Literal["low", "high", "auto"] = "high"
 
@@ -103,6 +109,12 @@ class BatchConfig(Strict):
     # where a request that failed, expired or went missing is tried again
     retry: Literal["batch", "online"] = "batch"
     shards_per_worker: int = Field(16, ge=1, description="shards a worker keeps in batches")
+    # the organisation's enqueued-token quota for the model (all batches validating, in
+    # progress or finalizing count): the run keeps its live batches under it. None: learnt
+    # from the batches the API refuses for it (token_limit_exceeded)
+    max_enqueued_tokens: int | None = Field(None, ge=1)
+    # delete a batch's input, output and error files once its shard is committed
+    cleanup: bool = True
 
 
 class CaptionerConfig(Strict):
@@ -150,6 +162,10 @@ class LimitsConfig(Strict):
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
     concurrency: int = Field(8, ge=1, description="requests in flight per worker")
+    # the most the corpus may cost, in US dollars (committed shards, journaled answers and
+    # this run's requests); at the cap the run stops admitting paid requests and exits with
+    # status 3, every shard committed or resumable. None: no cap
+    max_usd: float | None = Field(None, ge=0)
 
 
 class RayConfig(Strict):
@@ -221,11 +237,19 @@ def _first_error(exc: ValidationError) -> str:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> PipelineConfig:
+    """`path`: a pipeline file, or the name of one bundled with the package (a name without
+    `/` or `.yaml`: default, openai, openai-batch, azure, vllm, local-vlm)."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        from recaption.api import bundled_pipelines  # the package data, wherever installed
+
+        bundled = bundled_pipelines()
+        name = str(path)
+        bare = "/" not in name and not name.endswith((".yaml", ".yml"))
+        path = bundled[name] if bare and name in bundled else Path(path)
         if not path.is_file():
-            raise ConfigError(f"pipeline file not found: {path}")
+            known = f" (bundled pipelines: {', '.join(bundled)})" if bare else ""
+            raise ConfigError(f"pipeline file not found: {path}{known}")
         try:
             tree = yaml.load(path.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as exc:

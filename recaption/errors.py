@@ -37,6 +37,11 @@ class CaptionerFatal(RunError):
     instead of rejecting every image."""
 
 
+class BudgetSpent(Exception):
+    """The spend cap (`limits.max_usd`) is reached: no new paid request is sent. Not a
+    failure of the sample: its shard is left resumable, and a run with a higher cap asks it."""
+
+
 class Rejected(Metered, Exception):
     """A sample that ends in `rejected/`; `usage` is what its attempts cost (none for a
     sample that never reached the captioner)."""

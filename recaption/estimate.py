@@ -25,6 +25,7 @@ from typing import Any
 from recaption.captioners import Captioner, backend_of, make_captioner
 from recaption.captioners.prompt import USER_TEXT, load_prompt, prompt_with_schema
 from recaption.config import PipelineConfig
+from recaption.corpus import Committed, CorpusStore
 from recaption.errors import InputError, Rejected
 from recaption.images import PreparedImage
 from recaption.pricing import image_tokens, price_for
@@ -158,9 +159,12 @@ def estimate(
     images: int | None = None,
     output_tokens: int = 250,
 ) -> dict[str, Any]:
-    """The projection as a dict (`--json` prints it as it is)."""
+    """The projection as a dict (`--json` prints it as it is). Shards the output corpus has
+    committed already are left out of it."""
     shards = input_shards(cfg.input)
-    samples, downloaded = count_images(shards)
+    committed, spent = _committed(cfg)
+    todo = [s for s in shards if s.id not in committed]
+    samples, downloaded = count_images(todo)
     drawn, undecodable = draw(shards, sample, cfg)
     if not drawn:
         raise InputError(f"no decodable image found in {cfg.input.path}")
@@ -168,7 +172,14 @@ def estimate(
     sendable = images if images is not None else downloaded
     sendable = round(sendable * len(drawn) / (len(drawn) + undecodable))
     out: dict[str, Any] = {
-        "input": {"shards": len(shards), "samples": samples, "downloaded": downloaded},
+        "input": {
+            "shards": len(todo),
+            "committed": len(shards) - len(todo),
+            "samples": samples,
+            "downloaded": downloaded,
+        },
+        "spent_usd": round(spent, 4),
+        "max_usd": cfg.limits.max_usd,
         "images": sendable,
         "sample": len(drawn),
         "measured": not dry,
@@ -218,6 +229,12 @@ def estimate(
     bound = {k: v for k, v in out["limits"].items() if v is not None}
     out["binding"] = max(bound, key=bound.get) if bound else None
     out["minutes"] = bound[out["binding"]] if bound else None
+    quota = cfg.captioner.batch.max_enqueued_tokens
+    out["batch"] = {  # the queue holds `quota` input tokens at once; each round ends in 24 h
+        "queue_quota": quota,
+        "rounds": math.ceil(total_in / quota) if quota else None,
+        "hours_at_most": math.ceil(total_in / quota) * 24 if quota else None,
+    }
     return out
 
 
@@ -236,12 +253,23 @@ def _minutes(
     }
 
 
+def _committed(cfg: PipelineConfig) -> tuple[set[str], float]:
+    """The output corpus's committed shards and what they cost (nothing if not written)."""
+    store = CorpusStore(cfg.output.path, cfg.output.staging)
+    manifest = store.load_manifest()
+    if manifest is None:
+        return set(), 0.0
+    committed = Committed.read(store, manifest)
+    return committed.ids, committed.totals.cost_usd
+
+
 def lines(result: dict[str, Any]) -> list[str]:
     """The estimate for people."""
     src = result["input"]
+    done = f" ({src['committed']} more already committed)" if src.get("committed") else ""
     out = [
-        f"input: {src['samples']} samples in {src['shards']} shards, {src['downloaded']} downloaded"
-        f" -> {result['images']} images to caption",
+        f"input: {src['samples']} samples in {src['shards']} shards{done}, "
+        f"{src['downloaded']} downloaded -> {result['images']} images to caption",
     ]
     if "per_image" not in result:
         out.append(
@@ -279,7 +307,26 @@ def lines(result: dict[str, Any]) -> list[str]:
         )
     else:
         out.append("time online: set limits.rpm / limits.tpm to your quota to see it")
-    out.append("time in batches: each completes within its 24h window, on its own queue quota")
+    batch = result["batch"]
+    if batch["queue_quota"]:
+        out.append(
+            f"time in batches: {result['tokens']['input']:,} input tokens through a queue of "
+            f"{batch['queue_quota']:,} (captioner.batch.max_enqueued_tokens) = {batch['rounds']} "
+            f"rounds of at most 24 h: {_duration(batch['hours_at_most'] * 60)} at most"
+        )
+    else:
+        out.append(
+            "time in batches: set captioner.batch.max_enqueued_tokens to your tier's queue "
+            "limit for the model; the job takes (input tokens / that limit) rounds of <= 24 h"
+        )
+    cap = result.get("max_usd")
+    kind = "batch" if result["backend"] == "openai-batch" else "online"
+    projected = result["spent_usd"] + result["cost_usd"][kind]
+    if cap is not None and projected > cap:
+        out.append(
+            f"warning: ${projected:,.2f} ({kind}, with ${result['spent_usd']:,.2f} spent) passes "
+            f"limits.max_usd=${cap:,.2f}: the run will stop at the cap, resumable"
+        )
     return out
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import ray
 
+from recaption.errors import BudgetSpent
+
 LEASE_S = 0.1  # a lease holds at most this much of the quota, so a pause reaches all at once
 LEASE_TTL_S = 0.5  # permits unused this long go back: a worker does not sit on quota
 
@@ -272,3 +274,159 @@ class Quota:
         self.not_before = max(self.not_before, time.monotonic() + seconds)
         self.pocket = []  # these were sent to nobody; the server never counted them
         self._tell("pause", seconds)
+
+
+# --- the spend cap ------------------------------------------------------------------------------
+
+
+class Budget:
+    """The run's spending cap (`limits.max_usd`), in US dollars: what the corpus cost before
+    the run, what requests in flight may still cost (reserved at their most), and what they
+    did cost. One per run, shared by every worker and endpoint.
+
+    A request that does not fit waits while others are in flight (they usually cost less
+    than reserved and give the rest back); when nothing is in flight and it still does not
+    fit, the budget is spent and every later reservation is refused.
+    """
+
+    def __init__(self, cap: float, spent: float = 0.0):
+        self.cap = cap
+        self.spent = spent
+        self.reserved = 0.0
+        self.stopped = False
+
+    def reserve(self, usd: float) -> str:
+        """ "ok" (reserved), "wait" (ask again soon) or "stop" (the cap is reached)."""
+        if self.stopped:
+            return "stop"
+        if self.spent + self.reserved + usd <= self.cap:
+            self.reserved += usd
+            return "ok"
+        if self.reserved > 1e-12:
+            return "wait"
+        self.stopped = True
+        return "stop"
+
+    def hold(self, usd: float) -> None:
+        """Count what already-submitted work (a live batch) can cost, cap or not."""
+        self.reserved += usd
+
+    def settle(self, reserved: float, spent: float) -> None:
+        self.reserved = max(0.0, self.reserved - reserved)
+        self.spent += spent
+
+    def state(self) -> dict[str, Any]:
+        return {"cap": self.cap, "spent": self.spent, "reserved": self.reserved,
+                "stopped": self.stopped}  # fmt: skip
+
+
+BudgetActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Budget)
+
+
+class Spend:
+    """A worker's handle on the run's Budget (local, or a BudgetActor)."""
+
+    def __init__(self, budget: Budget | Any):
+        self.budget = budget
+        self.remote = not isinstance(budget, Budget)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if self.remote:
+            return await getattr(self.budget, method).remote(*args)
+        return getattr(self.budget, method)(*args)
+
+    async def reserve(self, usd: float, wait: bool = True) -> None:
+        """Returns once `usd` is reserved; raises BudgetSpent at the cap (or, without
+        `wait`, when it does not fit now)."""
+        while (answer := await self._call("reserve", usd)) == "wait" and wait:
+            await asyncio.sleep(0.05)
+        if answer != "ok":
+            raise BudgetSpent("the spend cap (limits.max_usd) is reached")
+
+    async def hold(self, usd: float) -> None:
+        await self._call("hold", usd)
+
+    def settle(self, reserved: float, spent: float) -> None:
+        if self.remote:
+            self.budget.settle.remote(reserved, spent)
+        else:
+            self.budget.settle(reserved, spent)
+
+
+# --- the Batch API's queue --------------------------------------------------------------------
+
+
+class QueueQuota:
+    """The Batch API's enqueued-token quota for one endpoint and model: the input tokens of
+    the run's live batches (validating, in progress, finalizing) stay under it. One per run,
+    shared by every worker, so that eight workers do not each fill the queue.
+
+    `limit` None: learnt. Unbounded until the API fails a batch with token_limit_exceeded;
+    from then on, what it had accepted at that moment.
+    """
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.learnt: int | None = None
+        self.live = 0
+        self.refusals = 0
+        # the API's count of a request's text tokens per token the workers estimate: the
+        # most any worker has seen, so that every worker sizes its batches alike
+        self.text_scale: float | None = None
+
+    @property
+    def cap(self) -> int | None:
+        return self.limit if self.limit is not None else self.learnt
+
+    def admit(self, tokens: int) -> bool:
+        """Reserve room for a batch of `tokens`; False: wait for live batches to end. A
+        batch alone in the queue is always let in (it is the caller's to size it)."""
+        if not self.fits(tokens):
+            return False
+        self.live += tokens
+        return True
+
+    def fits(self, tokens: int) -> bool:
+        """Would `admit` take a batch of `tokens` now? (Asked before preparing one.)"""
+        cap = self.cap
+        return cap is None or not self.live or self.live + tokens <= cap
+
+    def observe(self, text_scale: float) -> float:
+        """A worker's reading of the text scale; returns the run's (the most seen)."""
+        self.text_scale = max(self.text_scale or 0.0, text_scale)
+        return self.text_scale
+
+    def hold(self, tokens: int) -> None:
+        """Count a batch already in the queue (submitted by a run that stopped)."""
+        self.live += tokens
+
+    def release(self, tokens: int) -> None:
+        self.live = max(0, self.live - tokens)
+
+    def refused(self, tokens: int) -> None:
+        """The API failed a batch of `tokens` for the quota: what else was live fits."""
+        self.release(tokens)
+        self.refusals += 1
+        if self.limit is None:
+            accepted = self.live or tokens // 2
+            self.learnt = accepted if self.learnt is None else min(self.learnt, accepted)
+
+    def state(self) -> dict[str, Any]:
+        return {"limit": self.cap, "learnt": self.limit is None, "live": self.live,
+                "refusals": self.refusals}  # fmt: skip
+
+
+QueueActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(QueueQuota)
+
+
+class Queue:
+    """A worker's handle on a QueueQuota (local, or a QueueActor)."""
+
+    def __init__(self, quota: QueueQuota | Any):
+        self.quota = quota
+        self.remote = not isinstance(quota, QueueQuota)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if self.remote:
+            return await getattr(self.quota, method).remote(*args)
+        return getattr(self.quota, method)(*args)

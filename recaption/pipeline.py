@@ -21,7 +21,6 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
@@ -29,14 +28,15 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from tqdm import tqdm
 
 from recaption.captioners import ShardPending, backend_of, captioner_identity, make_captioner
 from recaption.config import PipelineConfig, RayConfig, redacted
-from recaption.corpus import CorpusStore
-from recaption.errors import CaptionerFatal, RunError
-from recaption.limits import LimiterActor
-from recaption.records import Manifest, ShardReport, Usage
+from recaption.corpus import Committed, CorpusStore
+from recaption.errors import BudgetSpent, CaptionerFatal, ConfigError, RunError
+from recaption.limits import BudgetActor, LimiterActor, QueueActor
+from recaption.progress import Finished, ProgressStyle, RunSummary, progress_bar
+from recaption.progress import show_progress as show_progress_line
+from recaption.records import Manifest, Reason, ShardReport, Usage
 from recaption.shard import ShardPass
 from recaption.sources import Shard, input_shards
 from recaption.storage import storage_env
@@ -58,11 +58,19 @@ class ShardWorker:
     connection pools and the in-flight budget outlive any one shard, and the next shard
     starts reading while the last requests of the previous one are still out."""
 
-    def __init__(self, cfg: PipelineConfig, limiters: dict[str, Any], env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        limiters: dict[str, Any],
+        env: dict[str, str],
+        budget: Any,
+        queues: dict[str, Any],
+    ) -> None:
         for name, value in env.items():  # credentials, held in memory only
             os.environ.setdefault(name, value)
         self.cfg = cfg
-        self.captioner = make_captioner(cfg, limiters)  # loaded once, reused for every shard
+        # loaded once, reused for every shard
+        self.captioner = make_captioner(cfg, limiters, budget, queues)
         self.in_flight: asyncio.Semaphore | None = None  # made on the actor's event loop
         self.done: Counter[str] = Counter()
         self.cpu_started = _cpu_s()
@@ -76,10 +84,13 @@ class ShardWorker:
         )
         self.done["cost_usd"] += usage.cost_usd
 
-    async def process(self, shard: Shard) -> ShardReport:
+    async def process(self, shard: Shard, retry: frozenset[str] | None = None) -> ShardReport:
+        """`retry`: the shard is committed; recommit it, asking its rejections with these
+        reasons again."""
         if self.in_flight is None:
             self.in_flight = asyncio.Semaphore(self.cfg.limits.concurrency)
-        return await ShardPass(shard, self.cfg, self.captioner, self._tick, self.in_flight).run()
+        shard_pass = ShardPass(shard, self.cfg, self.captioner, self._tick, self.in_flight, retry)
+        return await shard_pass.run()
 
     async def progress(self) -> dict[str, float]:
         """Counts so far; `cpu_s` is the whole worker process's CPU time since it was ready."""
@@ -113,43 +124,10 @@ def ray_runtime(rc: RayConfig) -> Iterator[None]:
 
 # --- the run ----------------------------------------------------------------------------------
 
-
-@dataclass
-class RunSummary:
-    corpus: str
-    shards: int
-    skipped: int
-    finished: list[ShardReport] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    pending: dict[str, str] = field(default_factory=dict)  # shards waiting on their batches
-    seconds: float = 0.0
-    workers: list[dict[str, float]] = field(default_factory=list)  # their last progress()
-
-    @property
-    def samples(self) -> int:
-        return sum(r.samples for r in self.finished)
-
-    def lines(self) -> list[str]:
-        captioned = sum(r.captioned for r in self.finished)
-        reasons: Counter[str] = Counter()
-        for r in self.finished:
-            reasons.update(r.rejected_by_reason)
-        rate = self.samples / self.seconds if self.seconds else 0.0
-        out = [
-            f"shards: {len(self.finished)} done, {self.skipped} already done, {len(self.failed)} failed "
-            f"(of {self.shards})",
-            f"samples: {self.samples} -> {captioned} captioned, {sum(reasons.values())} rejected"
-            + (f" ({', '.join(f'{k} {v}' for k, v in reasons.most_common())})" if reasons else ""),
-            f"speed: {rate:.1f} images/s over {self.seconds:.1f}s",
-            f"corpus: {self.corpus}",
-        ]
-        out += [f"failed shard {sid}: {err}" for sid, err in sorted(self.failed.items())]
-        if self.pending:
-            out.append(
-                f"waiting: {len(self.pending)} shards have batches running "
-                f"(e.g. {min(self.pending)}: {self.pending[min(self.pending)]})"
-            )
-        return out
+MANIFEST_EVERY_S = 5.0  # the manifest (a summary) is rewritten at most this often, and at the end
+MAX_WORKER_STARTS = 3  # a worker slot whose actor dies this often while starting stops the run
+# rejections that time heals, asked again by `--retry-rejected` without naming reasons
+TRANSIENT = frozenset({"rate_limited", "server_error", "batch_failed", "caption_error"})
 
 
 def _versions() -> dict[str, str]:
@@ -170,14 +148,10 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _guard_config_drift(cfg: PipelineConfig, manifest: Manifest) -> None:
+def _guard_config_drift(cfg: PipelineConfig, committed: Committed) -> None:
     """Refuse to mix captions of another model or prompt into a corpus, unless asked to."""
     new = captioner_identity(cfg)
-    old = {
-        (r.backend, r.model, r.prompt_version): r.shard
-        for r in manifest.shards.values()
-        if r.backend and (r.backend, r.model, r.prompt_version) != new
-    }
+    old = {who: shard for who, shard in committed.captioners.items() if who != new}
     if old and not cfg.output.allow_config_change:
         (backend, model, prompt), shard = next(iter(old.items()))
         raise RunError(
@@ -191,12 +165,12 @@ def _guard_config_drift(cfg: PipelineConfig, manifest: Manifest) -> None:
 SELECTION = ("shards", "limit", "fraction")  # input keys that pick part of the input
 
 
-def _guard_selection(cfg: PipelineConfig, manifest: Manifest) -> None:
+def _guard_selection(cfg: PipelineConfig, manifest: Manifest, committed: Committed) -> None:
     """A trial run's shards hold only the samples it selected: a run with another selection
     would take them as done."""
     now = {key: getattr(cfg.input, key) for key in SELECTION}
     before = {key: manifest.config.get("input", {}).get(key) for key in SELECTION}
-    if manifest.shards and now != before:
+    if committed.ids and now != before:
         shown = ", ".join(f"{k}={v}" for k, v in before.items() if v is not None) or "none"
         raise RunError(
             f"{cfg.output.path} was made with another input selection ({shown}); "
@@ -210,7 +184,36 @@ def _error_line(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {text[-1] if text else ''}"
 
 
-def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
+def _start_error(exc: RayActorError) -> str:
+    """The error a worker's constructor raised, from Ray's report of the dead actor."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    raised = [
+        line
+        for line in lines
+        if ": " in line and line.split(":")[0].endswith(("Error", "Exception", "Fatal"))
+    ]
+    return raised[-1] if raised else (lines[-1] if lines else type(exc).__name__)
+
+
+def retry_reasons(names: str | None) -> frozenset[str]:
+    """`--retry-rejected [REASON,...]`: the named reasons, or the transient ones."""
+    if not names:
+        return TRANSIENT
+    wanted = frozenset(n.strip() for n in names.split(",") if n.strip())
+    if bad := sorted(wanted - {r.value for r in Reason}):
+        raise ConfigError(f"--retry-rejected: unknown reason {bad[0]!r}")
+    return wanted
+
+
+def run(
+    cfg: PipelineConfig,
+    show_progress: bool | str | ProgressStyle = True,
+    retry_rejected: frozenset[str] | None = None,
+) -> RunSummary:
+    """Caption the input into the corpus. `show_progress`: True (the bar), False, "auto" (the
+    bar on a terminal, a line every 30 s in a log), "bar", "lines", or a ProgressStyle. `retry_rejected`: also
+    ask again, in committed shards, the rejected keys with these reasons (each shard
+    recommitted whole)."""
     # a captioner config that cannot work (a prompt, a model path, credentials) fails
     # before anything is written
     captioner_identity(cfg)
@@ -222,38 +225,72 @@ def run(cfg: PipelineConfig, show_progress: bool = True) -> RunSummary:
     except OSError as exc:
         raise RunError(f"cannot use output {cfg.output.path}: {exc.strerror or exc}") from None
     with store.lock():
-        return _run(cfg, shards, store, show_progress)
+        return _run(cfg, shards, store, show_progress, retry_rejected)
+
+
+def _open(
+    cfg: PipelineConfig, store: CorpusStore, retry: frozenset[str] | None
+) -> tuple[Manifest, Committed, dict[str, frozenset[str]]]:
+    """The corpus as this run finds it (one pass over its commit records), guarded, and the
+    committed shards to recommit: shard id -> the reasons to ask again."""
+    now, versions = datetime.now(UTC), _versions()
+    manifest = store.load_manifest() or Manifest(
+        recaption_version=versions.get("recaption", "0"), created_at=now, updated_at=now, config={}
+    )
+
+    def wanted(report: ShardReport) -> bool:
+        return retry is not None and any(report.rejected_by_reason.get(r) for r in retry)
+
+    committed = Committed.read(store, manifest, pick=wanted)
+    _guard_config_drift(cfg, committed)
+    _guard_selection(cfg, manifest, committed)
+    manifest.config = redacted(cfg)
+    manifest.versions = versions
+    if manifest.shards:  # written before commit records: move them to records
+        store.migrate(manifest)
+        store.write_manifest(manifest, committed.totals)
+    redo = {sid: retry for sid in committed.picked if retry is not None}
+    for sid, reasons in store.retries().items():  # a recommit a kill interrupted: finish it
+        redo.setdefault(sid, reasons)
+    for sid in store.resumable():  # left by a run stopped between a commit and its cleanup
+        if sid in committed.ids and sid not in redo:
+            store.forget(sid)
+    return manifest, committed, redo
+
+
+def _budget(cfg: PipelineConfig, store: CorpusStore, committed: Committed) -> Any:
+    """The run's BudgetActor, holding what the corpus cost so far, or None without a cap."""
+    if cfg.limits.max_usd is None:
+        return None
+    before = committed.totals.cost_usd + store.unwritten_cost()
+    return BudgetActor.options(num_cpus=0).remote(cfg.limits.max_usd, before)
 
 
 def _run(
-    cfg: PipelineConfig, shards: list[Shard], store: CorpusStore, show_progress: bool
+    cfg: PipelineConfig,
+    shards: list[Shard],
+    store: CorpusStore,
+    show_progress: bool | str | ProgressStyle,
+    retry: frozenset[str] | None,
 ) -> RunSummary:
     started = time.perf_counter()
-    now, versions = datetime.now(UTC), _versions()
-    manifest = store.load_manifest() or Manifest(
-        recaption_version=versions.get("recaption", "0"),
-        created_at=now,
-        updated_at=now,
-        config={},
+    manifest, committed, redo = _open(cfg, store, retry)
+    todo: deque[tuple[Shard, frozenset[str] | None]] = deque(
+        (s, redo.get(s.id)) for s in shards if s.id not in committed.ids or s.id in redo
     )
-    _guard_config_drift(cfg, manifest)
-    _guard_selection(cfg, manifest)
-    manifest.config = redacted(cfg)
-    manifest.versions = versions
-    done = store.committed(manifest)
-    for sid in done:  # left behind by a run stopped between the manifest and the cleanup
-        store.forget(sid)
-    todo = deque(s for s in shards if s.id not in done)
-    summary = RunSummary(corpus=store.path, shards=len(shards), skipped=len(shards) - len(todo))
+    summary = RunSummary(
+        corpus=store.path,
+        shards=len(shards),
+        skipped=len(shards) - len(todo),
+        finished=Finished(store),
+    )
     if not todo:
+        _clean_up(cfg, store)  # what a run stopped after its last commit left
         summary.seconds = time.perf_counter() - started
         return summary
 
     backend = backend_of(cfg)
     asyncio.run(backend.preflight(cfg))  # reachability, before any worker starts
-    expected = None
-    with contextlib.suppress(Exception):
-        expected = sum(s.expected_samples() for s in todo)
     with ray_runtime(cfg.ray):
         if cfg.ray.gpus_per_worker:  # an actor asking for a GPU no node has would never start
             gpus = ray.cluster_resources().get("GPU", 0)
@@ -271,6 +308,11 @@ def _run(
             ).remote(rpm, tpm)
             for name, (rpm, tpm) in backend.metered_endpoints(cfg).items()
         }
+        budget = _budget(cfg, store, committed)
+        queues = {  # the Batch API's enqueued-token quota, one per endpoint, for all workers
+            name: QueueActor.options(scheduling_strategy=here).remote(limit)
+            for name, limit in backend.queues(cfg).items()
+        }
         env = backend.worker_env(cfg) | storage_env()  # API keys and object-store credentials
         n_workers = min(cfg.ray.workers, len(todo))
         per_worker = backend.shards_per_worker(cfg)  # the next starts while the last drains
@@ -278,50 +320,56 @@ def _run(
         def new_worker():
             return ShardWorker.options(
                 num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker
-            ).remote(cfg, limiters, env)
+            ).remote(cfg, limiters, env, budget, queues)
 
         workers = [new_worker() for _ in range(n_workers)]
         # Work goes to a worker once it is up: one that cannot be placed (a full cluster, a
         # replacement for a dead node) holds no shard hostage; the others take them all.
         starting = {w.__ray_ready__.remote(): slot for slot, w in enumerate(workers)}
         up: set[int] = set()
-        running: dict[ray.ObjectRef, tuple[int, Any, Shard]] = {}
+        running: dict[ray.ObjectRef, tuple[int, Any, Shard, frozenset[str] | None]] = {}
         tries: Counter[str] = Counter()  # worker deaths per shard
+        start_failures: Counter[int] = Counter()  # per worker slot, in a row
+        written = time.monotonic()  # when the manifest was last written
 
         def submit(slot: int) -> None:
-            if todo and slot in up:
-                shard = todo.popleft()
-                running[workers[slot].process.remote(shard)] = (slot, workers[slot], shard)
+            if todo and slot in up and not summary.spent:
+                shard, reasons = todo.popleft()
+                ref = workers[slot].process.remote(shard, reasons)
+                running[ref] = (slot, workers[slot], shard, reasons)
 
         def replace(slot: int) -> None:
             up.discard(slot)
             workers[slot] = new_worker()
             starting[workers[slot].__ray_ready__.remote()] = slot
 
-        bar = tqdm(
-            total=expected,
-            unit="img",
-            disable=not show_progress,
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
+        # `recaption status` reads the total and the start from the manifest, from the start
+        started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        manifest.config["run"] = {"input_shards": len(shards), "started_at": started_at}
+        store.write_manifest(manifest, committed.totals)
+        bar = progress_bar([s for s, _ in todo], show_progress)
         fatal = None
         try:
-            while (running or (todo and starting)) and not fatal:
+            while (running or (todo and starting and not summary.spent)) and not fatal:
                 ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=0.5)
                 for ref in ready:
                     if ref in starting:
                         slot = starting.pop(ref)
                         try:
                             ray.get(ref)
-                        except RayActorError:  # died while starting
+                        except RayActorError as exc:  # died while starting
+                            start_failures[slot] += 1
+                            if start_failures[slot] >= MAX_WORKER_STARTS:
+                                fatal = f"a worker could not start: {_start_error(exc)}"
+                                break
                             replace(slot)
                             continue
+                        start_failures[slot] = 0
                         up.add(slot)
                         for _ in range(per_worker):
                             submit(slot)
                         continue
-                    slot, worker, shard = running.pop(ref)
+                    slot, worker, shard, reasons = running.pop(ref)
                     try:
                         report: ShardReport = ray.get(ref)
                     except RayActorError as exc:  # the worker died: replace it, retry the shard
@@ -329,55 +377,70 @@ def _run(
                             replace(slot)
                         tries[shard.id] += 1
                         if tries[shard.id] < MAX_SHARD_TRIES:
-                            todo.appendleft(shard)  # resumes from its journal, on any worker
+                            todo.appendleft((shard, reasons))  # resumes from its journal
                         else:
                             summary.failed[shard.id] = _error_line(exc)
                         for other in up:  # whoever has room takes it now
-                            if sum(s == other for s, _, _ in running.values()) < per_worker:
+                            if sum(r[0] == other for r in running.values()) < per_worker:
                                 submit(other)
                         continue
                     except RayTaskError as exc:
                         if isinstance(exc.cause, ShardPending):
                             summary.pending[shard.id] = str(exc.cause)
+                        elif isinstance(exc.cause, BudgetSpent):
+                            summary.spent = "stopped"  # resumable: admit no more shards
                         else:
                             if isinstance(exc.cause, CaptionerFatal):
                                 fatal = str(exc.cause)
                             summary.failed[shard.id] = _error_line(exc)
                     else:
-                        manifest.shards[shard.id] = report
-                        store.write_manifest(manifest)
-                        store.forget(shard.id)  # only now: the shard is on record
-                        summary.finished.append(report)
+                        before = store.read_commit(shard.id) if reasons is not None else None
+                        store.commit(report)  # the shard is committed from here on
+                        store.forget(shard.id)
+                        committed.add(report, replaces=before)
+                        summary.totals.add(report)
+                        summary.finished.append(shard.id)
+                        if time.monotonic() - written >= MANIFEST_EVERY_S:
+                            store.write_manifest(manifest, committed.totals)
+                            written = time.monotonic()
                     submit(slot)
                 if show_progress:
                     live = [workers[slot] for slot in sorted(up)]
-                    _show_progress(bar, live, summary, time.perf_counter() - started)
+                    show_progress_line(bar, live, summary, time.perf_counter() - started)
         finally:
             bar.close()
+            if summary.finished:
+                store.write_manifest(manifest, committed.totals)
             with contextlib.suppress(Exception):
                 live = [workers[slot] for slot in sorted(up)]
                 summary.workers = ray.get([w.progress.remote() for w in live], timeout=5)
-            for actor in [*workers, *limiters.values()]:  # stops shards still running
-                ray.kill(actor)
+            if budget is not None and summary.spent:
+                state = ray.get(budget.state.remote())
+                summary.spent = _spent_line(state, len(todo) + len(summary.pending))
+            shared = [*limiters.values(), *queues.values(), *([budget] if budget else [])]
+            for actor in [*workers, *shared]:
+                ray.kill(actor)  # stops shards still running
+            _clean_up(cfg, store)
         if fatal:
             raise RunError(fatal)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _show_progress(bar: tqdm, workers: list, summary: RunSummary, elapsed: float) -> None:
-    with contextlib.suppress(Exception):  # progress is best effort, never a failure
-        done: Counter[str] = Counter()
-        for counts in ray.get([w.progress.remote() for w in workers], timeout=5):
-            done.update(counts)
-        bar.update(max(0, done["samples"] - bar.n))
-        postfix = {
-            "shards": f"{len(summary.finished)}/{summary.shards - summary.skipped}",
-            "rejected": done["rejected"],
-        }
-        if done["requests"]:  # a metered API: show what the quota and the bill are doing
-            minutes = elapsed / 60
-            postfix["req/min"] = f"{done['requests'] / minutes:.0f}"
-            postfix["tok/min"] = f"{(done['input_tokens'] + done['output_tokens']) / minutes:.0f}"
-            postfix["$"] = f"{done['cost_usd']:.4f}"
-        bar.set_postfix(postfix)
+def _clean_up(cfg: PipelineConfig, store: CorpusStore) -> None:
+    """What committed shards left with the service (the Batch API's files): best effort,
+    the next run tries again."""
+    if done := store.finished_batches():
+        try:
+            asyncio.run(backend_of(cfg).cleanup(cfg, done))
+        except Exception as exc:  # never a reason to fail a run that committed its shards
+            print(f"recaption: warning: batch files left to delete: {exc}", file=sys.stderr)
+        store.finished_batches()  # the folder, once empty
+
+
+def _spent_line(state: dict[str, Any], left: int) -> str:
+    return (
+        f"stopped at the spend cap: the corpus has cost ${state['spent']:.4f} of "
+        f"limits.max_usd=${state['cap']:.4f}; {left} shards left resumable. Raise "
+        "limits.max_usd and run again: nothing already answered is asked again"
+    )

@@ -181,7 +181,8 @@ class Rejection(BaseModel):
 
 
 class ShardReport(BaseModel):
-    """What one input shard became; recorded in the manifest when its output is committed."""
+    """What one input shard became: its commit record, `commits/NNNNN.json`, written once
+    both its files are in place."""
 
     shard: str
     source: str
@@ -206,7 +207,9 @@ class ShardReport(BaseModel):
 
 
 class Manifest(BaseModel):
-    """`manifest.json`: how the corpus was made and what is in it."""
+    """`manifest.json`: how the corpus was made and what is in it, in sum. Rewritten every few
+    seconds while a run commits shards and at its end; the per-shard reports are the commit
+    records in `commit_records`."""
 
     schema_version: str = SCHEMA_VERSION
     recaption_version: str
@@ -214,8 +217,58 @@ class Manifest(BaseModel):
     updated_at: datetime
     config: dict[str, typing.Any]
     versions: dict[str, str] = {}
+    commit_records: str = "commits/"  # one ShardReport per committed shard, NNNNN.json
+    # corpora written before commit records listed every shard's report here; read, never
+    # written (a run moves them to commit records)
     shards: dict[str, ShardReport] = {}
     totals: dict[str, typing.Any] = {}
+
+
+@dataclass
+class Totals:
+    """What committed shards add up to, kept as they commit (O(1) per shard)."""
+
+    shards: int = 0
+    samples: int = 0
+    captioned: int = 0
+    rejected: int = 0
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+    truncated_shards: set[str] = field(default_factory=set)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    requests: int = 0
+    request_outcomes: Counter[str] = field(default_factory=Counter)
+
+    def add(self, report: ShardReport, sign: int = 1) -> None:
+        """Count a shard in (`sign=-1`: out, when a recommit replaces its report)."""
+        self.shards += sign
+        self.samples += sign * report.samples
+        self.captioned += sign * report.captioned
+        self.rejected += sign * report.rejected
+        self.rejected_by_reason.update({k: sign * n for k, n in report.rejected_by_reason.items()})
+        if report.truncated:
+            (self.truncated_shards.add if sign > 0 else self.truncated_shards.discard)(report.shard)
+        self.input_tokens += sign * report.input_tokens
+        self.output_tokens += sign * report.output_tokens
+        self.cost_usd += sign * report.cost_usd
+        self.requests += sign * report.requests
+        self.request_outcomes.update({k: sign * n for k, n in report.request_outcomes.items()})
+
+    def as_dict(self) -> dict[str, typing.Any]:
+        return {
+            "shards": self.shards,
+            "samples": self.samples,
+            "captioned": self.captioned,
+            "rejected": self.rejected,
+            "rejected_by_reason": {k: n for k, n in sorted(self.rejected_by_reason.items()) if n},
+            "truncated_shards": sorted(self.truncated_shards),
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost_usd": round(self.cost_usd, 6),
+            "requests": self.requests,
+            "request_outcomes": {k: n for k, n in sorted(self.request_outcomes.items()) if n},
+        }
 
 
 # --- Parquet schemas derived from the models ---------------------------------------------
@@ -262,6 +315,7 @@ JSON_SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "caption_record": CaptionRecord,
     "rejection": Rejection,
     "manifest": Manifest,
+    "shard_report": ShardReport,  # a commit record, commits/NNNNN.json
 }
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image
 
-from recaption.corpus import DATA_DIR, REJECTED_DIR, CorpusStore
+from recaption.corpus import DATA_DIR, REJECTED_DIR, Committed, CorpusStore
 from recaption.errors import RunError
 from recaption.stats import TEXT_FIELDS, CorpusStats
 
@@ -50,18 +50,20 @@ STAT_COLUMNS = [
 
 def write_report(corpus: Path, sample: int = 200, seed: int = 0) -> Path:
     """Write CORPUS/report/ and return the path of its index.html."""
-    manifest = CorpusStore(corpus).load_manifest()
+    store = CorpusStore(corpus)
+    manifest = store.load_manifest()
     if manifest is None:
         raise RunError(f"no manifest.json in {corpus}: is it a recaption corpus?")
+    totals = Committed.read(store, manifest).totals
     out = corpus / "report"
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
     stats, drawn = _scan(corpus, sample, seed)
     report = {
         "corpus": str(corpus),
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "shards": len(manifest.shards),
+        "shards": totals.shards,
         **stats.summary(),
-        "requests": manifest.totals.get("requests", 0),
+        "requests": totals.requests,
         "contact_sheet": {"shown": len(drawn), "of": stats.captioned},
     }
     _thumbnails(drawn, out / "thumbs")

@@ -9,6 +9,14 @@
 `samples` and `answer` are the two pieces others reuse: `recaption estimate` draws and
 answers images with them, and a backend that answers whole shards (the Batch API) gets
 the shard's unanswered prepared images and the validation rules through a `ShardJob`.
+
+A recommit (`recaption run --retry-rejected`) is the same pass over a committed shard: its
+rows are carried over, except the rejections with the reasons asked again, which go the
+usual way; both files are then replaced and the driver rewrites the commit record. A
+marker (corpus.retry_mark) and the journal make it safe to kill at any point.
+
+At the spend cap (`limits.max_usd`) a sample gets no row: the pass sends nothing more,
+lets what is in flight land, and raises BudgetSpent, leaving the shard resumable.
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
+import pyarrow.parquet as pq
+
 from recaption.captioners.base import Answer, Captioner, CaptionFailure, CaptionResult, ShardJob
 from recaption.config import ImageConfig, PipelineConfig, ValidationConfig
-from recaption.corpus import CorpusStore, ShardWriter
-from recaption.errors import CaptionerFatal, Rejected, Unreadable
+from recaption.corpus import DATA_DIR, REJECTED_DIR, CorpusStore, ShardWriter
+from recaption.errors import BudgetSpent, CaptionerFatal, Rejected, Unreadable
 from recaption.images import PreparedImage, prepare
 from recaption.journal import Journal
 from recaption.records import Caption, CaptionRecord, Reason, Rejection, ShardReport, Stage, Usage
@@ -64,10 +74,10 @@ def samples(
             sample = next(stream, None)
         if sample is None:
             return
+        if skip is not None and skip(sample.key):
+            continue
         if sample.error is not None:
             yield sample, Unreadable(*sample.error)
-            continue
-        if skip is not None and skip(sample.key):
             continue
         with timer("prepare"):
             try:
@@ -98,8 +108,8 @@ async def answer(
                 result = given
             else:
                 result = await (given or captioner.caption)(image)
-        except (Rejected, CaptionerFatal):
-            raise  # a rejection for this image; or nothing can be captioned: stop the run
+        except (Rejected, CaptionerFatal, BudgetSpent):
+            raise  # a rejection for this image; or nothing more can be captioned
         except Exception as exc:  # a backend bug must cost one row, not the shard
             detail = f"{type(exc).__name__}: {exc}"
             raise CaptionFailure(Reason.caption_error, detail, Usage(attempts=1)) from None
@@ -115,7 +125,9 @@ async def answer(
 
 class ShardPass:
     """Caption one shard and commit its output; every sample ends in data/ or rejected/.
-    `in_flight` bounds the images being captioned; a worker shares one across its shards."""
+    `in_flight` bounds the images being captioned; a worker shares one across its shards.
+    `retry`: the shard is committed; recommit it, asking its rejections with these reasons
+    again."""
 
     def __init__(
         self,
@@ -124,8 +136,9 @@ class ShardPass:
         captioner: Captioner,
         on_sample: OnSample | None = None,
         in_flight: asyncio.Semaphore | None = None,
+        retry: frozenset[str] | None = None,
     ):
-        self.shard, self.cfg, self.captioner = shard, cfg, captioner
+        self.shard, self.cfg, self.captioner, self.retry = shard, cfg, captioner, retry
         self.on_sample = on_sample or (lambda usage, rejected: None)
         self.in_flight = in_flight or asyncio.Semaphore(cfg.limits.concurrency)
         self.store = CorpusStore(cfg.output.path, cfg.output.staging)
@@ -136,6 +149,8 @@ class ShardPass:
         self.usage = Usage()  # every attempt of the shard's samples, rejected ones included
         self.rejected: Counter[str] = Counter()
         self.samples = self.resumed = 0
+        self.deferred = 0  # samples left unanswered at the spend cap
+        self.prior: ShardReport | None = None  # a recommit: the report it starts from
 
     async def run(self) -> ShardReport:
         started = time.perf_counter()
@@ -146,9 +161,12 @@ class ShardPass:
             self.in_flight.release()
 
         try:
+            skip = self.carry_over() if self.retry is not None else None
             # a backend that answers whole shards does so first; the pass below writes them
             answers = await self.captioner.settle(self.job())
-            for sample, image in samples(self.shard, self.cfg.captioner.image, self.timer):
+            for sample, image in samples(self.shard, self.cfg.captioner.image, self.timer, skip):
+                if self.deferred:  # the spend cap: send nothing more, let the rest land
+                    break
                 self.samples += 1
                 if isinstance(image, Rejected):
                     self.reject(sample, image)
@@ -160,7 +178,12 @@ class ShardPass:
                     task = asyncio.create_task(self.caption(sample, image, given))
                     tasks.add(task)
                     task.add_done_callback(finished)
+                    # let requests go out (and a local VLM's batcher run) while the next
+                    # images are read and prepared, not only once the in-flight bound is hit
+                    await asyncio.sleep(0)
             await asyncio.gather(*tasks)
+            if self.deferred:
+                raise BudgetSpent(f"shard {self.shard.id}: {self.deferred} samples wait")
             with self.timer("write"):
                 self.writer.commit()
         except BaseException:
@@ -181,6 +204,9 @@ class ShardPass:
             )
         except Rejected as exc:
             return self.reject(sample, exc)
+        except BudgetSpent:
+            self.deferred += 1
+            return
         with self.timer("write"):
             self.write(sample, image, result, caption)
 
@@ -251,6 +277,31 @@ class ShardPass:
             self.rejected[entry["row"]["reason"]] += 1
         self.on_sample(spent, entry["kind"] != "data")
 
+    # -- a recommit -----------------------------------------------------------------------------
+
+    def carry_over(self) -> Callable[[str], bool]:
+        """Copy the committed shard's rows into the new files, except the rejections asked
+        again and the keys this recommit already answered (its journal); returns the skip
+        rule for the pass: every key but those."""
+        assert self.retry is not None
+        self.prior = self.store.mark_retry(self.shard.id, self.retry)
+        answered = self.journal.answered
+        fs, sid = self.store.arrow_fs, self.shard.id
+        rejected = pq.read_table(self.store.where(f"{REJECTED_DIR}/{sid}.parquet"), filesystem=fs)
+        rejected = rejected.to_pylist()
+        redo = {r["key"] for r in rejected if r["reason"] in self.retry}
+        ask = redo | set(answered)  # these keys go through the pass, repeats and all
+        for row in rejected:
+            if row["key"] not in ask:
+                self.writer.rejected.add(row)
+                self.rejected[row["reason"]] += 1
+        data = pq.ParquetFile(self.store.where(f"{DATA_DIR}/{sid}.parquet"), filesystem=fs)
+        for group in range(data.num_row_groups):  # a row group at a time: images are big
+            for row in data.read_row_group(group).to_pylist():
+                if row["key"] not in ask:
+                    self.writer.data.add(row)
+        return lambda key: key not in ask
+
     # -- for a backend that answers whole shards --------------------------------------------------
 
     def job(self) -> ShardJob:
@@ -274,10 +325,17 @@ class ShardPass:
     def report(self) -> ShardReport:
         outcomes = Counter(self.usage.outcomes)
         requests = outcomes.pop("requests", 0)
+        before = self.prior  # a recommit: what the shard cost and asked before it
+        if before is not None:
+            outcomes.update(before.request_outcomes)
+            requests += before.requests
+            self.usage.input_tokens += before.input_tokens
+            self.usage.output_tokens += before.output_tokens
+            self.usage.cost_usd += before.cost_usd
         return ShardReport(
             shard=self.shard.id,
             source=str(self.shard.path),
-            samples=self.samples,
+            samples=before.samples if before is not None else self.samples,
             captioned=self.writer.data.count,
             rejected=self.writer.rejected.count,
             rejected_by_reason=dict(sorted(self.rejected.items())),

@@ -76,14 +76,16 @@ def verify(
     if manifest is None:
         verdict.problems.append(f"{corpus}: no manifest.json")
         return verdict
+    # per committed shard, its counts (from its commit record)
+    counts = {r.shard: (r.captioned, r.rejected) for r in store.commits(manifest)}
     data_files, rejected_files = store.shard_files(DATA_DIR), store.shard_files(REJECTED_DIR)
     data_ids, rejected_ids = set(data_files), set(rejected_files)
     for sid in sorted(data_ids ^ rejected_ids):
         verdict.problems.append(f"shard {sid}: has only one of data/ and rejected/")
-    for sid in sorted(set(manifest.shards) - (data_ids & rejected_ids)):
-        verdict.problems.append(f"shard {sid}: in the manifest but its files are missing")
-    for sid in sorted((data_ids & rejected_ids) - set(manifest.shards)):
-        verdict.notes.append(f"shard {sid}: files present but not in the manifest (unfinished)")
+    for sid in sorted(set(counts) - (data_ids & rejected_ids)):
+        verdict.problems.append(f"shard {sid}: committed but its files are missing")
+    for sid in sorted((data_ids & rejected_ids) - set(counts)):
+        verdict.notes.append(f"shard {sid}: files present but not committed (unfinished)")
     for journal in store.journals():
         verdict.notes.append(f"shard {journal.stem}: journal present (a run was interrupted)")
 
@@ -92,25 +94,24 @@ def verify(
         expected = {}
         for shard in _input(manifest, input_path, input_format):
             expected[shard.id] = Counter(sample.key for sample in read_samples(shard))
-        for sid in sorted(set(expected) - set(manifest.shards)):
+        for sid in sorted(set(expected) - set(counts)):
             verdict.problems.append(f"shard {sid}: in the input but not in the corpus")
-        for sid in sorted(set(manifest.shards) - set(expected)):
+        for sid in sorted(set(counts) - set(expected)):
             verdict.problems.append(f"shard {sid}: in the corpus but not in the input")
 
-    for sid in sorted(set(manifest.shards) & data_ids & rejected_ids):
+    for sid in sorted(set(counts) & data_ids & rejected_ids):
         verdict.shards += 1
         fs = store.arrow_fs
         data = _keys(fs, data_files[sid], DATA_SCHEMA, verdict, ["key"])
         rejected = _keys(fs, rejected_files[sid], REJECTED_SCHEMA, verdict, ["key", "reason"])
         if data is None or rejected is None:
             continue
-        report = manifest.shards[sid]
         verdict.captioned += len(data)
         verdict.rejected += len(rejected)
-        if (len(data), len(rejected)) != (report.captioned, report.rejected):
+        if (len(data), len(rejected)) != counts[sid]:
             verdict.problems.append(
                 f"shard {sid}: files hold {len(data)} captioned + {len(rejected)} rejected, "
-                f"the manifest says {report.captioned} + {report.rejected}"
+                f"the manifest says {counts[sid][0]} + {counts[sid][1]} (its commit record)"
             )
         first = Counter(r["key"] for r in data)
         first.update(r["key"] for r in rejected if r["reason"] != Reason.duplicate_key)

@@ -1,14 +1,25 @@
-"""The Files and Batches APIs of the test server (tests/openai_server.py).
+"""The Files and Batches APIs of the test server (tests/openai_server.py), with the real
+service's limits (shared/reference/openai-limits.md).
 
 Batches move validating → in_progress → finalizing → completed, one step each time a
-client retrieves them, so tests drive them by polling. `hold` keeps batches at a status;
-`fates` decides what happens to the next batches created:
+client retrieves them, so tests drive them by polling; with `turnaround_s` they move by the
+clock instead (validated at once, completed that long after creation). `hold` keeps
+batches at a status; `fates` decides what happens to the next batches created:
 
     completed   every line answered through the server's chat completion (its faults
                 apply: a 5xx goes to the error file, a dropped request is missing)
-    failed      the batch fails validation: no output at all
+    failed      the batch fails validation (invalid_request): no output at all
+    bad_line    it fails validation naming its first line (invalid_request, line 1)
     expired     half the lines run; the rest are in the error file as batch_expired
     malformed   completed, but the first output line is cut off
+
+`enqueued_limit`: the organisation's enqueued-token quota per model: the input tokens of
+its batches validating, in progress or finalizing. A batch past it is still created
+(validating) and then fails validation with `token_limit_exceeded` and no output, as the
+real API does; `peak_enqueued` is the most it ever held. A cancelled batch keeps the lines
+that ran (half, here) in its output; the rest are in its error file. Listing is newest
+first and paginated (`limit` at most `page_max`, `after`, `has_more`). Files can be
+deleted; `files` holds what is left.
 
 `drop_create` loses the answer to the next batch creations (the batch exists; the client
 does not hear of it). `live_overlaps` lists custom_ids submitted while a batch holding
@@ -33,7 +44,7 @@ NEXT = {"validating": "in_progress", "in_progress": "finalizing", "finalizing": 
 class BatchAPI:
     def __init__(self, server: Any):
         self.server = server  # the OpenAIServer whose chat completion answers the lines
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # _step answers lines and adds files while holding it
         self.files: dict[str, dict[str, Any]] = {}  # id -> {"data": bytes, "purpose": str}
         self.batches: dict[str, dict[str, Any]] = {}
         self.hold: str | None = None
@@ -42,6 +53,11 @@ class BatchAPI:
         self.submitted: Counter[str] = Counter()  # custom_id -> times submitted
         self.live_overlaps: list[str] = []
         self.created = 0
+        self.enqueued_limit: int | None = None  # per model
+        self.peak_enqueued = 0
+        self.turnaround_s: float | None = None
+        self.page_max = 100
+        self.deleted: set[str] = set()
 
     # -- files --------------------------------------------------------------------------------
 
@@ -72,6 +88,13 @@ class BatchAPI:
             self.files[file_id] = {"data": data, "meta": meta}
         return meta
 
+    def delete(self, file_id: str) -> dict | None:
+        with self.lock:
+            if self.files.pop(file_id, None) is None:
+                return None
+            self.deleted.add(file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
     def content(self, file_id: str) -> bytes | None:
         with self.lock:
             found = self.files.get(file_id)
@@ -84,7 +107,10 @@ class BatchAPI:
         data = self.content(body["input_file_id"])
         if data is None:
             return None, True
-        ids = [json.loads(line)["custom_id"] for line in data.splitlines() if line.strip()]
+        lines = [json.loads(line) for line in data.splitlines() if line.strip()]
+        ids = [line["custom_id"] for line in lines]
+        tokens = sum(self.server.input_tokens(line["body"]) for line in lines)
+        model = lines[0]["body"].get("model", "") if lines else ""
         now = int(time.time())
         with self.lock:
             live = {
@@ -96,6 +122,11 @@ class BatchAPI:
             self.live_overlaps += [cid for cid in ids if cid in live]
             self.submitted.update(ids)
             fate = self.fates.pop(0) if self.fates else "completed"
+            held = self._enqueued(model)
+            if self.enqueued_limit is not None and held + tokens > self.enqueued_limit:
+                fate = "token_limit"  # created all the same; it fails at validation
+            else:
+                self.peak_enqueued = max(self.peak_enqueued, held + tokens)
             batch = {
                 "id": f"batch_{uuid.uuid4().hex[:16]}",
                 "object": "batch",
@@ -108,6 +139,9 @@ class BatchAPI:
                 "request_counts": {"total": len(ids), "completed": 0, "failed": 0},
                 "_ids": ids,
                 "_fate": fate,
+                "_tokens": tokens,
+                "_model": model,
+                "_created": time.monotonic(),
             }
             self.batches[batch["id"]] = batch
             self.created += 1
@@ -133,10 +167,32 @@ class BatchAPI:
                 batch["cancelling_at"] = int(time.time())
         return self._public(batch)
 
-    def list(self) -> dict:
+    def _enqueued(self, model: str) -> int:
+        """Input tokens of the model's live batches (the lock held)."""
+        return sum(
+            b["_tokens"]
+            for b in self.batches.values()
+            if b["_model"] == model
+            and b["status"] in ("validating", "in_progress", "finalizing")
+            and b["_fate"] != "token_limit"
+        )
+
+    def list(self, limit: int = 20, after: str | None = None) -> dict:
+        """Newest first, a page at a time, as the real API pages."""
+        limit = max(1, min(limit, self.page_max))
         with self.lock:
-            data = sorted(self.batches.values(), key=lambda b: b["created_at"], reverse=True)
-        return {"object": "list", "data": [self._public(b) for b in data], "has_more": False}
+            data = sorted(self.batches.values(), key=lambda b: b["_created"], reverse=True)
+        if after is not None:
+            ids = [b["id"] for b in data]
+            data = data[ids.index(after) + 1 :] if after in ids else []
+        page = data[:limit]
+        return {
+            "object": "list",
+            "data": [self._public(b) for b in page],
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(data) > limit,
+        }
 
     def statuses(self) -> Counter[str]:
         with self.lock:
@@ -147,34 +203,72 @@ class BatchAPI:
         return {k: v for k, v in batch.items() if not k.startswith("_")}
 
     def _advance(self, batch: dict) -> None:
+        with self.lock:  # one step at a time, even under concurrent polls
+            self._step(batch)
+
+    def _step(self, batch: dict) -> None:
         status = batch["status"]
         if status in TERMINAL or status == self.hold:
             return
         now = int(time.time())
         if status == "cancelling":
+            if batch.get("_ran") is None:  # what had run before the cancel is kept
+                self._run(batch, partial=True)
             batch.update(status="cancelled", cancelled_at=now)
             return
-        if status == "validating" and batch["_fate"] == "failed":
+        if status == "validating" and batch["_fate"] in ("failed", "bad_line", "token_limit"):
+            code, message = "invalid_request", "the input was refused"
+            if batch["_fate"] == "bad_line":
+                message = "line 1: the image could not be read"
+            elif batch["_fate"] == "token_limit":
+                code = "token_limit_exceeded"
+                message = (
+                    f"Enqueued token limit reached for {batch['_model']} in organization "
+                    f"org-test. Limit: {self.enqueued_limit:,} enqueued tokens. Please try "
+                    "again once some in_progress batches have been completed."
+                )
             batch.update(
                 status="failed",
                 failed_at=now,
                 errors={
                     "object": "list",
-                    "data": [{"code": "invalid_request", "message": "the input was refused"}],
+                    "data": [
+                        {
+                            "code": code,
+                            "message": message,
+                            "param": None,
+                            "line": 1 if batch["_fate"] == "bad_line" else None,
+                        }
+                    ],
                 },
             )
             return
+        if self.turnaround_s is not None and status != "validating":
+            if time.monotonic() - batch["_created"] < self.turnaround_s:
+                return  # still running: a real batch takes its time
+            status = "finalizing"
         nxt = NEXT[status]
         if nxt == "completed":
             self._run(batch)
             nxt = "expired" if batch["_fate"] == "expired" else "completed"
         batch["status"] = nxt
         batch[f"{nxt}_at"] = now
+        batch["_ended"] = time.monotonic()
 
-    def _run(self, batch: dict) -> None:
-        """Answer the lines; write the output and error files."""
-        lines = [json.loads(line) for line in self.content(batch["input_file_id"]).splitlines()]
-        ran = lines[: len(lines) // 2] if batch["_fate"] == "expired" else lines
+    def _run(self, batch: dict, partial: bool = False) -> None:
+        """Answer the lines (half of them, for an expired or cancelled batch); write the
+        output and error files."""
+        batch["_ran"] = True
+        data = self.files.get(batch["input_file_id"], {}).get("data", b"")
+        lines = [json.loads(line) for line in data.splitlines()]
+        cut = partial or batch["_fate"] == "expired"
+        ran = lines[: len(lines) // 2] if cut else lines
+        reason = ("batch_cancelled", "The batch was cancelled before this request ran.")
+        if not partial:
+            reason = (
+                "batch_expired",
+                "This request could not be executed before the completion window expired.",
+            )
         output, errors = [], []
         for line in ran:
             status, payload, _ = self.server.complete(line["body"], line["url"], metered=False)
@@ -198,11 +292,7 @@ class BatchAPI:
                         "id": f"batch_req_{uuid.uuid4().hex[:12]}",
                         "custom_id": line["custom_id"],
                         "response": None,
-                        "error": {
-                            "code": "batch_expired",
-                            "message": "This request could not be executed before the "
-                            "completion window expired.",
-                        },
+                        "error": {"code": reason[0], "message": reason[1]},
                     }
                 )
             )
@@ -215,5 +305,5 @@ class BatchAPI:
         }
         for name, rows in (("output_file_id", output), ("error_file_id", errors)):
             if rows:
-                data = ("\n".join(rows) + "\n").encode()
-                batch[name] = self._add_file(data, "batch_output", f"{batch['id']}.jsonl")["id"]
+                out = ("\n".join(rows) + "\n").encode()
+                batch[name] = self._add_file(out, "batch_output", f"{batch['id']}.jsonl")["id"]

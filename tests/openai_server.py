@@ -28,6 +28,7 @@ import random
 import re
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -217,6 +218,24 @@ class OpenAIServer:
                 "storms": list(self.storms),
                 "kinds": dict(self.kinds),
             }
+
+    @staticmethod
+    def input_tokens(body: dict) -> int:
+        """A request's input tokens as the API counts them: its text, and each image by the
+        model's rule (what the Batch API's enqueued-token quota counts)."""
+        text, tokens = "", 3 * len(body["messages"])
+        for message in body["messages"]:
+            parts = (
+                [message["content"]] if isinstance(message["content"], str) else message["content"]
+            )
+            for part in parts:
+                if isinstance(part, str) or part.get("type") == "text":
+                    text += part if isinstance(part, str) else part.get("text", "")
+                elif part.get("type") == "image_url":
+                    im = _decode_image(part["image_url"]["url"])
+                    detail = part["image_url"].get("detail", "high")
+                    tokens += image_tokens(body.get("model", MODEL), *im.size, detail)
+        return tokens + count_text_tokens(text)
 
     def complete(
         self, body: dict, path: str, metered: bool = True
@@ -487,7 +506,10 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             elif m := re.search(r"/batches/([^/]+)/cancel$", path):
                 found = api.cancel(m.group(1)) if method == "POST" else None
             elif method == "GET" and path.endswith("/batches"):
-                found = api.list()
+                query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+                found = api.list(int(query.get("limit", 20)), query.get("after"))
+            elif method == "DELETE" and (m := re.search(r"/files/([^/]+)$", path)):
+                found = api.delete(m.group(1))
             elif method == "GET" and (m := re.search(r"/batches/([^/]+)$", path)):
                 found = api.retrieve(m.group(1))
             elif method == "GET" and (m := re.search(r"/files/([^/]+)/content$", path)):
@@ -502,6 +524,10 @@ def _handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
             if found is None:
                 return self._error(404, f"no route or no such object: {self.path}", "not_found")
             return self._send(200, found)
+
+        def do_DELETE(self) -> None:
+            if self._authorised():
+                self._batch_api("DELETE", b"")
 
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length", 0))

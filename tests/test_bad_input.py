@@ -13,7 +13,7 @@ import pytest
 from conftest import jpeg_bytes
 
 from recaption.config import load_config, redacted
-from recaption.pipeline import run
+from recaption.pipeline import RunError, run
 from recaption.verify import verify
 
 RECAPTION = str(Path(sys.executable).parent / "recaption")
@@ -169,3 +169,23 @@ def test_verify_accepts_every_input_format(ray_cluster, tmp_path):
         result = recaption("verify", str(out), "--input", str(root))
         assert result.returncode == 0, result.stdout
         assert "OK" in result.stdout
+
+
+def test_a_worker_that_cannot_start_stops_the_run(ray_cluster, sample_shards, tmp_path):
+    model = tmp_path / "not-a-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # passes the check; loading it fails
+    cfg = load_config(
+        "pipelines/local-vlm.yaml",
+        [
+            f"input.path={sample_shards}",
+            f"output.path={tmp_path / 'corpus'}",
+            f"captioner.model_path={model}",
+            "ray.workers=1",
+            "ray.gpus_per_worker=0",
+            "ray.cpus_per_worker=1",
+        ],
+    )
+    with pytest.raises(RunError, match=r"a worker could not start: .*Error") as info:
+        run(cfg, show_progress=False)
+    assert "\n" not in str(info.value)

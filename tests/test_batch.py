@@ -127,6 +127,7 @@ def test_a_lost_create_answer_adopts_the_batch_it_made(ray_cluster, sample_shard
     with OpenAIServer(api_key=KEY) as server:
         api = server.batch_api
         api.drop_create = 2  # the batches exist, the client never hears back
+        api.page_max = 1  # the list comes a batch a page: the search must follow the pages
         summary = run(batch_config(server, sample_shards, corpus), show_progress=False)
     assert len(summary.finished) == 2
     assert api.created == 2 and set(api.submitted.values()) == {1}
@@ -171,7 +172,9 @@ def test_batches_lists_and_cancels_and_a_run_finishes_after(
         done = run(batch_config(server, sample_shards, corpus), show_progress=False)
     assert len(done.finished) == 2 and api.statuses()["cancelled"] == 2
     assert_invariant(corpus, expected_keys(sample_shards))
-    assert {r["attempts"] for r in rows(corpus)} == {2}  # the cancelled try counts
+    # a cancelled batch keeps the lines that ran (half, on this server); the rest go again
+    # and the cancelled try counts for them
+    assert {r["attempts"] for r in rows(corpus)} == {1, 2}
     assert not api.live_overlaps
 
 
@@ -198,3 +201,105 @@ def test_azure_batch_deployment(ray_cluster, sample_shards, tmp_path, monkeypatc
     assert len(summary.finished) == 2
     assert endpoints == {"/chat/completions"} and paths == {"/chat/completions"}
     assert_invariant(corpus, expected_keys(sample_shards))
+
+
+def line_tokens(cfg, sample_shards: Path, server: OpenAIServer) -> int:
+    """One request's input tokens as the server's queue counts them."""
+    from recaption.captioners import make_captioner
+    from recaption.shard import samples
+    from recaption.sources import list_shards
+
+    captioner = make_captioner(cfg)
+    _, image = next(samples(list_shards(str(sample_shards))[0], cfg.captioner.image))
+    tries = captioner.tries(image)
+    tries.image_url = captioner.data_url(image)
+    return server.input_tokens(captioner._request(captioner.endpoint, tries))
+
+
+@pytest.mark.parametrize("told", [True, False], ids=["quota-set", "quota-learnt"])
+def test_a_job_three_times_the_queue_quota_waits_and_loses_no_row(
+    ray_cluster, shards, tmp_path, told
+):
+    corpus = tmp_path / "corpus"
+    with OpenAIServer(api_key=KEY) as server:
+        api = server.batch_api
+        probe = batch_config(server, shards, corpus)
+        job = 120 * line_tokens(probe, shards, server)  # 3 shards x 40 images
+        api.enqueued_limit = quota = job // 3
+        extra = [f"captioner.batch.max_enqueued_tokens={quota}"] if told else []
+        cfg = batch_config(
+            server, shards, corpus, "ray.workers=2", "captioner.batch.max_requests=10", *extra
+        )
+        summary = run(cfg, show_progress=False)
+        refused = sum(b["_fate"] == "token_limit" for b in api.batches.values())
+    assert not summary.failed and len(summary.finished) == 3, summary.lines()
+    assert_invariant(corpus, expected_keys(shards))
+    assert api.peak_enqueued <= quota and not api.live_overlaps
+    assert (refused == 0) if told else (refused >= 1)  # told: never past it; else learnt
+    reasons = {r["reason"] for r in pq.read_table(corpus / "rejected").to_pylist()}
+    assert not reasons & {"batch_failed", "rate_limited", "server_error"}, reasons
+    assert {r["attempts"] for r in rows(corpus)} == {1}  # a refusal for the quota is no attempt
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    assert manifest["totals"]["cost_usd"] == pytest.approx(
+        BATCH.cost(manifest["totals"]["input_tokens"], manifest["totals"]["output_tokens"]),
+        abs=1e-5,
+    )
+    # the batches' files are deleted once their shards are committed
+    assert api.deleted and not [f for f in api.files.values() if f["meta"]["purpose"] == "batch"]
+    assert not list((corpus / BATCHES_DIR).rglob("*.json"))
+
+
+def test_a_line_the_api_names_is_rejected_and_the_rest_go_again(
+    ray_cluster, sample_shards, tmp_path
+):
+    corpus = tmp_path / "corpus"
+    with OpenAIServer(api_key=KEY) as server:
+        server.batch_api.fates = ["bad_line"]
+        summary = run(batch_config(server, sample_shards, corpus), show_progress=False)
+    assert len(summary.finished) == 2
+    assert_invariant(corpus, expected_keys(sample_shards))
+    bad = [
+        r for r in pq.read_table(corpus / "rejected").to_pylist() if r["reason"] == "bad_request"
+    ]
+    assert len(bad) == 1 and "line 1" in bad[0]["detail"]
+    assert {r["attempts"] for r in rows(corpus)} == {1}  # the others were not charged
+
+
+def test_kill_9_while_batches_wait_for_quota_submits_no_line_twice(shards, tmp_path):
+    import subprocess
+    import time
+
+    from kill_run import run_argv
+
+    corpus = tmp_path / "corpus"
+    with OpenAIServer(api_key=KEY) as server:
+        api = server.batch_api
+        probe = batch_config(server, shards, corpus)
+        api.enqueued_limit = quota = 40 * line_tokens(probe, shards, server)  # one shard
+        api.hold = "in_progress"  # the first batches stay live: the rest wait for quota
+        argv = run_argv(
+            "pipelines/openai-batch.yaml",
+            [
+                f"input.path={shards}",
+                f"output.path={corpus}",
+                f"captioner.base_url={server.url}",
+                "captioner.batch.poll_s=0.05",
+                "captioner.batch.poll_max_s=0.2",
+                f"captioner.batch.max_enqueued_tokens={quota}",
+                "ray.workers=2",
+            ],
+        )
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while api.created < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(3)  # the other shards are waiting for room in the queue now
+        proc.kill()
+        proc.wait()
+        assert api.created >= 1 and api.statuses().get("in_progress", 0) == api.created
+        api.hold = None
+        final = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert not api.live_overlaps  # nothing submitted again while a batch holding it was live
+    assert api.peak_enqueued <= quota
+    assert_invariant(corpus, expected_keys(shards))

@@ -2,10 +2,14 @@
 
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
+from recaption.config import load_config
+from recaption.errors import ConfigError
 
 RECAPTION = str(Path(sys.executable).parent / "recaption")
 
@@ -27,6 +31,13 @@ def recaption(*args: str) -> subprocess.CompletedProcess:
             "input path does not exist",
         ),
         (["report", "/no/such/corpus"], "no manifest.json"),
+        (
+            ["run", "--pipeline", "defualt"],
+            "pipeline file not found: defualt (bundled pipelines: azure, default, local-vlm, "
+            "openai, openai-batch, vllm)",
+        ),
+        (["pipelines", "show", "nope"], "no bundled pipeline 'nope'"),
+        (["run", "--pipeline", "default", "--progress-every", "0"], "--progress-every 0.0"),
     ],
 )
 def test_errors_are_one_line_and_non_zero(args, message):
@@ -73,3 +84,45 @@ def test_samples_run_report_from_the_command_line(ray_cluster, tmp_path):
     ).to_pylist()
     assert page.count('<img src="thumbs/') == len(captions)  # fewer rows than --sample
     assert captions[0]["caption"].split(".")[0] in page
+
+
+def test_version_and_the_bundled_pipelines(capsys):
+    from recaption import __version__
+    from recaption.cli import main
+
+    assert recaption("--version").stdout.strip() == f"recaption {__version__}"
+    assert __version__ == metadata.version("recaption")
+    listed = recaption("pipelines").stdout.splitlines()
+    names = [line.split()[0] for line in listed if line and not line.startswith("`")]
+    assert names == ["azure", "default", "local-vlm", "openai", "openai-batch", "vllm"]
+    for name in names:  # the repository's pipelines/ is what ships: one copy
+        assert main(["pipelines", "show", name]) == 0
+        assert capsys.readouterr().out == (Path("pipelines") / f"{name}.yaml").read_text()
+        assert load_config(name) == load_config(f"pipelines/{name}.yaml")
+
+
+def test_import_recaption_loads_no_ray():
+    code = "import sys, recaption; recaption.load_config; print('ray' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_the_python_api_is_the_command(ray_cluster, sample_shards, tmp_path):
+    import recaption as api
+
+    corpus = tmp_path / "corpus"
+    summary = api.run(
+        "default",
+        {"input.path": sample_shards, "output.path": corpus, "ray.workers": 1},
+        progress=False,
+    )
+    assert isinstance(summary, api.RunSummary) and not summary.failed
+    assert summary.totals.samples == 48 and len(summary.finished) == 2
+    assert api.corpus_status(corpus)["state"] == "finished"
+    # a config object with overrides; a value that YAML would misread stays a string
+    cfg = api.load_config("default", [f"input.path={sample_shards}"])
+    again = api.run(cfg, {"output.path": corpus}, progress="off")
+    assert again.skipped == 2 and not again.finished  # committed: nothing to do
+    assert api.api.config(cfg, {"captioner.model": "null"}).captioner.model == "null"
+    with pytest.raises(ConfigError, match=r"unknown config key 'ray\.wokers'"):
+        api.run(cfg, ["ray.wokers=2"])

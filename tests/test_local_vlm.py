@@ -1,8 +1,12 @@
-"""Local VLMs: the `transformers` captioner on a tiny random LLaVA built in the test (loading
-from a directory, chat template, batching, generation, parsing, the text fallback, rejection
-of degenerate output), and a pool of self-hosted OpenAI-compatible servers."""
+"""Local VLMs: the `transformers` captioner on tiny random checkpoints of each family people
+caption with (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Idefics3, SmolVLM2, Gemma 3, LLaVA), built in
+the test in their hub layouts: loading without torchvision, chat templates that must keep the
+system prompt, special tokens once, one image per prompt in a batch, generation, parsing, the
+text fallback, rejection of degenerate output; and a pool of self-hosted OpenAI-compatible
+servers."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -10,12 +14,16 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import transformers
 from openai_server import OpenAIServer
+from PIL import Image
 from test_openai import expected_keys
 from test_pipeline import assert_invariant
-from tiny_vlm import build_tiny_vlm
+from tiny_vlm import FAMILIES, build_tiny_vlm
 
+from recaption.captioners import make_captioner
 from recaption.captioners.local import read_reply
+from recaption.captioners.prompt import USER_TEXT, load_prompt, prompt_with_schema
 from recaption.config import load_config
 from recaption.pipeline import RunError, run
 from recaption.shard import process_shard
@@ -28,11 +36,46 @@ RELAXED = [  # let noise through validation, to check the records it makes
     "validation.language=null",
     "validation.max_repeated_ngram_share=1.0",
 ]
+# image tokens for one image at image.max_side=112: fixed-size towers exactly, tiling and
+# dynamic-resolution ones at least (Qwen: one per 28x28 px, 32x32 on Qwen3-VL, whose
+# processor scales small images up to 65,536 px; Idefics3 / SmolVLM: 16 per tile + global)
+IMAGE_TOKENS = {
+    "llava": (16, 16),
+    "gemma3": (16, 16),
+    "qwen2_vl": (6, 16),
+    "qwen2_5_vl": (6, 16),
+    "qwen3_vl": (64, 80),
+    "idefics3": (32, 80),
+    "smolvlm2": (32, 80),
+}
+PROCESSORS = {
+    "llava": "LlavaProcessor",
+    "gemma3": "Gemma3Processor",
+    "qwen2_vl": "Qwen2VLProcessor",
+    "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
+    "idefics3": "Idefics3Processor",
+    "smolvlm2": "SmolVLMProcessor",
+}
+SYSTEM = prompt_with_schema(load_prompt("dense-v1")[1])
 
 
 @pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory):
-    return build_tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny-llava")
+def checkpoint(tmp_path_factory):
+    """family -> its tiny checkpoint's directory, built on first use."""
+    root, built = tmp_path_factory.mktemp("vlm"), {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = build_tiny_vlm(root / f"tiny-{family}", family)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(checkpoint):
+    return checkpoint("llava")
 
 
 def local_config(model, shards, corpus, *overrides):
@@ -45,27 +88,88 @@ def local_config(model, shards, corpus, *overrides):
             "ray.gpus_per_worker=0",
             "ray.cpus_per_worker=1",
             "captioner.max_output_tokens=48",
+            "captioner.image.max_side=112",
             *overrides,
         ],
     )
 
 
-def test_tiny_vlm_through_the_pipeline_on_ray(ray_cluster, tiny_vlm, sample_shards, tmp_path):
+def squeeze(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_every_family_is_fed_its_prompt_and_image_tokens(checkpoint):
+    """What reaches each model: the whole system prompt (as typed parts, which every
+    template renders), the image's tokens, its BOS once, one image per prompt."""
+    for family in FAMILIES:
+        cfg = local_config(checkpoint(family), "unused", "unused")
+        captioner = make_captioner(cfg)
+        assert isinstance(captioner.processor, getattr(transformers, PROCESSORS[family]))
+        images = [Image.new("RGB", (112, 84), (200, 40, 40)), Image.new("RGB", (84, 112), 90)]
+        inputs = captioner.encode(images)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        assert ids.shape[0] == 2, family  # a prompt each
+        for row, keep in zip(ids, mask, strict=True):
+            text = captioner.tokenizer.decode(row[keep])
+            assert squeeze(SYSTEM) in squeeze(text) and USER_TEXT in text, family
+            fed = int((row == captioner.image_token_id).sum())
+            low, high = IMAGE_TOKENS[family]
+            assert low <= fed <= high, (family, fed)
+            bos = captioner.tokenizer.bos_token_id
+            if bos is not None:
+                assert int((row == bos).sum()) == 1, (family, "BOS twice")
+        system_tokens = len(captioner.tokenizer(SYSTEM, add_special_tokens=False)["input_ids"])
+        assert captioner.inputs.text_tokens() > system_tokens > 250, family
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_captions_a_shard(family, checkpoint, sample_shards, tmp_path):
+    shard = list_shards(str(sample_shards))[0]
+    corpus = tmp_path / "c"
+    cfg = local_config(checkpoint(family), sample_shards, corpus, *RELAXED)
+    captioner = make_captioner(cfg)
+    report = process_shard(shard, cfg, captioner)
+    assert_invariant(corpus, {"00000": expected_keys(sample_shards)["00000"]})
+    # readable images are captioned, or rejected for the noise they are (a reply cut at the
+    # budget, or one ending without a full stop), never a caption_error
+    rejected = pq.read_table(corpus / "rejected").to_pylist()
+    assert {r["reason"] for r in rejected if r["stage"] == "caption"} <= {"truncated_output"}
+    readable = report.samples - report.rejected_by_reason.get("download_failed", 0)
+    assert report.captioned >= readable / 2, report.rejected_by_reason
+    rows = pq.read_table(corpus / "data").drop(["image"]).to_pylist()
+    assert len(rows) == report.captioned
+    assert {r["model"] for r in rows} == {f"tiny-{family}"}
+    timings = captioner.timings
+    assert timings["images"] == readable and timings["batches"] < readable  # batched
+    low, high = IMAGE_TOKENS[family]
+    assert low * readable <= timings["image_tokens"] <= high * readable
+    # the prompt each image was charged: the template's text and its image tokens
+    text_tokens = captioner.inputs.text_tokens()
+    assert all(r["input_tokens"] >= text_tokens - 1 + low for r in rows)
+    assert sum(r["input_tokens"] for r in rows) <= timings["input_tokens"]
+    assert all(0 < r["output_tokens"] <= 48 and r["caption"] for r in rows)
+
+
+def test_a_qwen_vl_run_on_ray(ray_cluster, checkpoint, sample_shards, tmp_path):
+    """The README's model family through `run` as a user starts it: two shards on Ray."""
     corpus = tmp_path / "corpus"
-    summary = run(local_config(tiny_vlm, sample_shards, corpus, *RELAXED), show_progress=False)
+    model = checkpoint("qwen2_5_vl")
+    summary = run(local_config(model, sample_shards, corpus, *RELAXED), show_progress=False)
     assert len(summary.finished) == 2 and not summary.failed
     assert_invariant(corpus, expected_keys(sample_shards))
     rows = pq.read_table(corpus / "data").drop(["image"]).to_pylist()
     assert rows, "relaxed validation lets the noise through as dense-caption-only records"
     assert {(r["backend"], r["model"], r["prompt_version"]) for r in rows} == {
-        ("transformers", "tiny-llava", "dense-v1")
+        ("transformers", "tiny-qwen2_5_vl", "dense-v1")
     }
-    # the prompt is the same for every image: chat template + 16 image tokens (4x4 patches)
-    assert len({r["input_tokens"] for r in rows}) == 1 and rows[0]["input_tokens"] > 16
+    assert all(r["input_tokens"] > 600 for r in rows)  # the schema prompt and the image
     assert all(0 < r["output_tokens"] <= 48 and r["cost_usd"] == 0 for r in rows)
     assert all(r["caption"] and r["objects"] == [] for r in rows)  # the text fallback
     rejected = pq.read_table(corpus / "rejected").to_pylist()
-    assert {r["reason"] for r in rejected} <= {"download_failed", "truncated_output", "empty"}
+    assert {(r["stage"], r["reason"]) for r in rejected} <= {
+        ("read", "download_failed"),
+        ("validate", "truncated_output"),
+    }
     manifest = json.loads((corpus / "manifest.json").read_text())
     captioned = manifest["totals"]["samples"] - manifest["totals"]["rejected_by_reason"].get(
         "download_failed", 0
@@ -73,27 +177,25 @@ def test_tiny_vlm_through_the_pipeline_on_ray(ray_cluster, tiny_vlm, sample_shar
     assert manifest["totals"]["requests"] == captioned  # one generation per image
 
 
-def test_cut_and_degenerate_replies_are_rejected(tiny_vlm, sample_shards, tmp_path):
-    from recaption.captioners import make_captioner
-
+def test_cut_and_degenerate_replies_are_rejected(checkpoint, sample_shards, tmp_path):
     shard = list_shards(str(sample_shards))[0]
+    gemma3 = checkpoint("gemma3")  # its noise runs to ~40 tokens
     cfg = local_config(
-        tiny_vlm, sample_shards, tmp_path / "c", "captioner.max_output_tokens=16", *RELAXED
+        gemma3, sample_shards, tmp_path / "c", "captioner.max_output_tokens=16", *RELAXED
     )
     captioner = make_captioner(cfg)
     report = process_shard(shard, cfg, captioner)
-    # a reply with no end within 16 tokens is cut (stage caption); one that ends mid-sentence
-    # is turned away by validation, under the same reason
+    # a reply with no end within 16 tokens is cut (stage caption)
     rejected = pq.read_table(tmp_path / "c" / "rejected").to_pylist()
     cut = [r for r in rejected if r["stage"] == "caption"]
     assert cut and all(r["reason"] == "truncated_output" for r in cut)
     assert all("max_output_tokens=16" in r["detail"] for r in cut)
-    rows = pq.read_table(tmp_path / "c" / "data", columns=["output_tokens"]).to_pylist()
-    assert all(r["output_tokens"] <= 16 for r in rows)
     assert report.captioned + report.rejected == report.samples
+    assert captioner.counters["truncated"] == len(cut)
     timings = captioner.timings
     assert timings["images"] > timings["batches"] > 0  # generation ran in batches
     assert timings["images"] / timings["batches"] <= captioner.batch_size
+    tiny_vlm = checkpoint("llava")
     # the default rules turn the noise away: too short, not English, repeating itself
     cfg = local_config(tiny_vlm, sample_shards, tmp_path / "d")
     report = process_shard(shard, cfg, make_captioner(cfg))
@@ -138,6 +240,25 @@ def test_a_missing_model_or_gpu_is_one_clear_error(ray_cluster, tiny_vlm, sample
     )
     assert result.returncode == 2 and "captioner.model_path" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "never").exists()
+    # PyPI's torchvision beside the CPU torch cannot load: said once, before any work
+    broken = tmp_path / "site" / "torchvision"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n'
+    )
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "recaption.cli", "run", "--pipeline"),
+            *("pipelines/local-vlm.yaml", "--input", str(sample_shards)),
+            *("--output", str(tmp_path / "never"), "--set", f"captioner.model_path={tiny_vlm}"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+    )
+    assert result.returncode == 2 and "torchvision is installed but does not load" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "never").exists()
     cfg = local_config(tiny_vlm, sample_shards, tmp_path / "c", "ray.gpus_per_worker=1")
     with pytest.raises(RunError, match="0 GPUs"):
         run(cfg, show_progress=False)
@@ -156,8 +277,6 @@ def test_a_pool_of_servers_keeps_each_full_and_survives_one_dying(sample_shards,
                 "limits.concurrency=16",
             ],
         )
-        from recaption.captioners import make_captioner
-
         captioner = make_captioner(cfg)
         shards = list_shards(str(sample_shards))
         process_shard(shards[0], cfg, captioner)
@@ -182,8 +301,6 @@ def test_a_pool_of_servers_keeps_each_full_and_survives_one_dying(sample_shards,
 def test_a_benched_server_returns_only_when_it_answers(sample_shards, tmp_path):
     import asyncio
     import socket
-
-    from recaption.captioners import make_captioner
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -107,6 +107,8 @@ def test_a_corpus_written_to_s3_is_published_whole_and_resumes(
         if info.type == pafs.FileType.File
     )
     assert objects == [
+        "commits/00000.json",
+        "commits/00001.json",
         "data/00000.parquet",
         "data/00001.parquet",
         "manifest.json",

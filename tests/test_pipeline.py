@@ -64,11 +64,12 @@ def test_sample_run_writes_the_corpus_contract(ray_cluster, sample_shards, tmp_p
     assert all(60 <= len(c.split()) <= 150 for (c,) in captions)
 
     manifest = json.loads((corpus / "manifest.json").read_text())
-    assert set(manifest["shards"]) == {"00000", "00001"}
+    records = {p.stem: json.loads(p.read_text()) for p in (corpus / "commits").glob("*.json")}
+    assert set(records) == {"00000", "00001"}  # a commit record per shard
     assert manifest["totals"]["samples"] == sum(len(k) for k in expected.values())
     assert manifest["totals"]["rejected_by_reason"]["download_failed"] > 0
     assert manifest["config"]["captioner"]["backend"] == "analyzer"
-    assert manifest["shards"]["00000"]["timings"]["caption_s"] > 0
+    assert records["00000"]["timings"]["caption_s"] > 0
 
     # Readable by other engines, not only pyarrow.
     glob = str(corpus / "data" / "*.parquet")
@@ -118,8 +119,8 @@ def test_hostile_input_every_key_accounted_for(ray_cluster, hostile_shards, tmp_
     assert not list(tmp_path.rglob("escape*"))
 
     manifest = json.loads((corpus / "manifest.json").read_text())
-    assert manifest["shards"]["00001"]["truncated"] is True
-    assert manifest["shards"]["00000"]["truncated"] is False
+    assert json.loads((corpus / "commits" / "00001.json").read_text())["truncated"] is True
+    assert json.loads((corpus / "commits" / "00000.json").read_text())["truncated"] is False
     assert manifest["totals"]["truncated_shards"] == ["00001"]
     reasons1 = Counter(r["reason"] for r in corpus_keys(corpus, "00001")[1])
     assert reasons1 == {"truncated_member": 1, "missing_from_tar": 2, "download_failed": 1}

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from recaption.config import PipelineConfig
 from recaption.errors import Rejected
 from recaption.images import PreparedImage
+from recaption.limits import Spend
 from recaption.records import Caption, Metered, Usage
 
 
@@ -63,6 +64,7 @@ class Captioner:
     model: str
     prompt_version: str
     counters: Counter[str]  # requests sent and their outcomes, for progress and the manifest
+    budget: Spend | None = None  # the run's spend cap, for backends that pay per request
 
     def __init__(self, cfg: PipelineConfig, limiters: dict[str, Any] | None = None):
         """`limiters`: endpoint name -> the run's shared LimiterActor, for metered APIs."""
@@ -106,6 +108,21 @@ class Captioner:
     def metered_endpoints(cls, cfg: PipelineConfig) -> dict[str, tuple[int | None, int | None]]:
         """Endpoint name -> (rpm, tpm), for the run's shared limiters."""
         return {}
+
+    @classmethod
+    def queues(cls, cfg: PipelineConfig) -> dict[str, int | None]:
+        """Endpoint name -> its Batch API enqueued-token quota, for the run's shared queues."""
+        return {}
+
+    @classmethod
+    async def cleanup(cls, cfg: PipelineConfig, states: list[Path]) -> None:
+        """After commits: release what committed shards left with the service (batch files)."""
+        for path in states:
+            path.unlink(missing_ok=True)
+
+    def share(self, budget: Any = None, queues: dict[str, Any] | None = None) -> None:
+        """Take the run's shared handles: the spend cap's Budget actor, the queue quotas."""
+        self.budget = Spend(budget) if budget is not None else None
 
     @classmethod
     def shards_per_worker(cls, cfg: PipelineConfig) -> int:

@@ -3,8 +3,14 @@
 Before the pipeline writes a shard, `settle` drives every key of it to an answer:
 
     read shard ─▶ keys due (never asked, or worth another try) ─▶ JSONL parts (≤ limits)
-      ─▶ upload (Files API) ─▶ create batch ─▶ poll with backoff ─▶ output + error files
+      ─▶ room in the run's queue quota (else wait) ─▶ upload (Files API) ─▶ create batch
+      ─▶ poll with backoff ─▶ output + error files
       ─▶ each line read and validated exactly as online ─▶ answered, or due again
+
+The enqueued-token quota (`batch.max_enqueued_tokens`, or learnt from refusals) is held
+by a QueueActor the run's workers share (limits.py): a part is created only when the live
+batches leave room for it, counted as the API counts input tokens; a batch the API still
+fails with `token_limit_exceeded` costs no attempt, its keys simply go back in line.
 
 Each id is saved to `CORPUS/.batches/NNNNN.json` the moment the API returns it, so a run
 stopped at any point picks its batches up again; a part uploaded but not yet on record
@@ -24,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,13 +46,18 @@ from recaption.captioners.batch_state import (
     BatchState,
     Part,
     call_api,
+    create,
+    delete_files,
     load_state,
+    refresh,
     save_state,
 )
+from recaption.captioners.endpoints import endpoint_configs
 from recaption.captioners.openai import OpenAICaptioner, Retry, Tries
 from recaption.config import PipelineConfig, redacted
-from recaption.errors import Rejected
+from recaption.errors import BudgetSpent, Rejected
 from recaption.images import PreparedImage
+from recaption.limits import Queue, QueueQuota
 from recaption.records import Caption, Reason
 
 
@@ -66,6 +78,10 @@ class BatchCaptioner(OpenAICaptioner):
         self.batch = cfg.captioner.batch
         self.batch_price = self.price.batch()  # online retries keep self.price
         self.endpoint = self.pool.endpoints[0]  # batches go to the first endpoint
+        # the run's shared queue quota (make_captioner sets it), else one of our own
+        self.queue = Queue(QueueQuota(self.batch.max_enqueued_tokens))
+        # the API's count of a request's text tokens per token we estimate (ours is high)
+        self.scale = 1.0
         azure = self.endpoint.config.api == "azure"
         self.url = "/chat/completions" if azure else "/v1/chat/completions"
 
@@ -77,6 +93,45 @@ class BatchCaptioner(OpenAICaptioner):
     def online(cls) -> str:
         return OpenAICaptioner.backend
 
+    @classmethod
+    def queues(cls, cfg: PipelineConfig) -> dict[str, int | None]:
+        """The endpoint the batches go to -> its enqueued-token quota (None: learnt)."""
+        first = endpoint_configs(cfg.captioner, cfg.limits)[0]
+        return {first.name: cfg.captioner.batch.max_enqueued_tokens}
+
+    @classmethod
+    async def cleanup(cls, cfg: PipelineConfig, states: list[Path]) -> None:
+        """Delete the files (input, output, errors) of committed shards' batches from the
+        account's storage, then their saved ids. A kill in between leaves them for the next
+        run to delete."""
+        await delete_files(states, cfg.captioner.batch.cleanup)
+
+    def share(self, budget: Any = None, queues: dict[str, Any] | None = None) -> None:
+        super().share(budget, queues)
+        if queues and self.endpoint.name in queues:
+            self.queue = Queue(queues[self.endpoint.name])
+
+    def text_estimate(self) -> int:
+        """A request's text tokens as the queue quota counts them: our estimate, corrected
+        by what the API counted so far."""
+        return math.ceil(self.text_tokens * self.scale)
+
+    def enqueued_tokens(self, tries: Tries) -> int:
+        """A request's input tokens as the queue quota counts them: the image by the model's
+        rule, exactly, and the text as estimated."""
+        return self.text_estimate() + tries.image_tokens
+
+    def _learn(self, part: Part, lines: dict[str, dict]) -> float | None:
+        """What the API counted for the text of each answered line (its input tokens less
+        the image's): the most of it, per token we estimate, is the correction."""
+        texts = []
+        for key, image in zip(part.keys, part.images, strict=False):
+            body = ((lines.get(key) or {}).get("response") or {}).get("body") or {}
+            counted = (body.get("usage") or {}).get("prompt_tokens")
+            if isinstance(counted, int):
+                texts.append(counted - image)
+        return min(1.0, max(texts) / self.text_tokens) if texts else None
+
     # -- one shard ----------------------------------------------------------------------------
 
     async def settle(self, job: ShardJob) -> dict[str, Answer]:
@@ -85,36 +140,62 @@ class BatchCaptioner(OpenAICaptioner):
         still running."""
         shard, path = job.id, job.state
         state = load_state(path) or BatchState(endpoint=redacted(self.endpoint.config))
+        state.queue_limit = self.batch.max_enqueued_tokens
+        held: set[int] = set()  # parts counted in the queue quota by this call
+        for i, part in enumerate(state.parts):  # what a stopped run left in the queue
+            if part.status in LIVE:
+                await self.queue.call("hold", part.tokens)
+                held.add(i)
+                if self.budget is not None:  # ... and what it can still cost
+                    await self.budget.hold(part.reserved_usd)
         client = self.endpoint.client
         keys: dict[str, _Key] = {}
         read: set[int] = set()  # parts whose output this call has read
         delay, plan = self.batch.poll_s, True
+        blocked = (0, 0)  # (lines, image tokens) of a part the full queue held back
         while True:
-            await self._refresh(client, shard, state)
+            await refresh(client, shard, state, self.url, self.batch.completion_window)
+            for i, part in enumerate(state.parts):
+                if i in held and part.status not in LIVE:  # it left the queue: room for more
+                    held.discard(i)
+                    method = "refused" if part.over_quota else "release"
+                    await self.queue.call(method, part.tokens)
             for i, part in enumerate(state.parts):
                 if i not in read and part.status not in LIVE:
-                    await self._read_part(client, shard, part, keys, job.validate)
+                    if not await self._read_part(client, shard, part, keys, job.validate):
+                        continue  # its files could not be had yet: the next pass tries again
                     read.add(i)
                     plan = True
             # one save a pass: a kill before it loses only statuses, asked again, or a batch
             # id, which find-or-create finds again by its input file
             save_state(path, state)
             live = {key for part in state.parts if part.status in LIVE for key in part.keys}
-            if plan:  # something was answered (or this is the start): what is due now?
+            # answers came, or this is the start; or the queue was full and now has room
+            # (asked first: preparing a shard's images to learn that it is still full is
+            # what a waiting shard must not spend its CPU on)
+            claimed = 0  # room taken in the queue before preparing a part to fill it
+            if not plan and blocked[0]:
+                wanted = blocked[0] * self.text_estimate() + blocked[1]  # sized as now
+                if await self.queue.call("admit", wanted):
+                    claimed = wanted  # the others waiting stay waiting: no herd of writers
+            if plan or claimed:
                 plan = False
                 due = self._due(job, keys, live)
-                if await self._submit(client, shard, due, state, path):
+                sent, blocked = await self._submit(client, shard, due, state, path, held, claimed)
+                if sent:
                     delay = self.batch.poll_s
                     continue
-            if not live:
+            if not live and not blocked[0]:
                 break
             if not self.batch.wait:
                 counts = sorted({p.status for p in state.parts if p.status in LIVE})
-                raise ShardPending(
-                    f"{len(live)} requests in batches still {'/'.join(counts)}; run again to collect"
-                )
+                what = f"batches still {'/'.join(counts)}" if live else "waiting for queue quota"
+                raise ShardPending(f"{len(live)} requests in {what}; run again to collect")
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, self.batch.poll_max_s)
+            # waiting only for room in the queue asks the run's queue actor, not the API:
+            # no backoff then; batches of our own are polled with backoff
+            if live:
+                delay = min(delay * 1.5, self.batch.poll_max_s)
         return {key: k.answer for key, k in keys.items() if k.answer is not None}
 
     def _due(
@@ -144,12 +225,77 @@ class BatchCaptioner(OpenAICaptioner):
         due: Iterator[tuple[str, PreparedImage, Tries]],
         state: BatchState,
         path: Path,
-    ) -> int:
-        """Write the due requests as JSONL parts within the API's limits, upload each and
-        create its batch, saving each id as soon as it exists. Returns the requests sent."""
+        held: set[int],
+        claimed: int = 0,
+    ) -> tuple[int, tuple[int, int]]:
+        """Write the due requests as JSONL parts within the API's limits (requests, bytes
+        and the queue quota), upload each and create its batch once the run's queue has room
+        for it, saving each id as soon as it exists. Returns (requests sent, the (lines,
+        image tokens) of the part the full queue held back, or (0, 0)). `claimed`: queue
+        room already taken, for the first part."""
+        # reading, decoding and encoding the images is CPU work (Pillow lets go of the
+        # GIL): in a thread, so the worker's other shards keep polling meanwhile
+        pending = await asyncio.to_thread(self._write_parts, shard, due, state, path)
+        sent, blocked = 0, (0, 0)
+        if claimed and not pending:
+            await self.queue.call("release", claimed)  # nothing was due after all
+        for n, (part_keys, jsonl, cost, part_tokens, part_images) in enumerate(pending):
+            take, claimed = part_tokens - claimed, 0  # what is not claimed yet
+            if take < 0:
+                await self.queue.call("release", -take)
+            if take > 0 and not await self.queue.call("admit", take):
+                await self.queue.call("release", part_tokens - take)
+                blocked = (len(part_keys), sum(part_images))  # due again once there is room
+                for left in pending[n:]:
+                    left[1].unlink()
+                break
+            if self.budget is not None:  # a batch holds its cost for hours: no waiting
+                try:
+                    await self.budget.reserve(cost, wait=False)
+                except BudgetSpent:
+                    await self.queue.call("release", part_tokens)
+                    for left in pending[n:]:
+                        left[1].unlink()
+                    raise
+            with open(jsonl, "rb") as body:
+                uploaded = await call_api(
+                    client.files.create, file=(jsonl.name, body), purpose="batch"
+                )
+            part = Part(
+                keys=part_keys,
+                file_id=uploaded.id,
+                uploaded_at=time.time(),
+                reserved_usd=cost,
+                tokens=part_tokens,
+                images=part_images,
+            )
+            state.parts.append(part)
+            held.add(len(state.parts) - 1)
+            save_state(path, state)
+            jsonl.unlink()
+            await create(
+                client, shard, part, len(state.parts) - 1, self.url, self.batch.completion_window
+            )
+            save_state(path, state)
+            sent += len(part_keys)
+        return sent, blocked
+
+    def _write_parts(
+        self,
+        shard: str,
+        due: Iterator[tuple[str, PreparedImage, Tries]],
+        state: BatchState,
+        path: Path,
+    ) -> list[tuple[list[str], Path, float, int, list[int]]]:
+        """The due requests as JSONL files, a part each within the API's limits: (keys, file,
+        most it can cost, input tokens, each line's image tokens)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        pending: list[tuple[list[str], Path]] = []
+        pending: list[tuple[list[str], Path, float, int, list[int]]] = []
         keys: list[str] = []
+        most = 0.0  # what the part can cost, at most, for the spend cap
+        tokens = 0  # its input tokens, as the queue quota counts them
+        images: list[int] = []  # each line's image tokens, to learn the text's from usage
+        cap = self.batch.max_enqueued_tokens
         jsonl = path.parent / f"{shard}.{len(state.parts)}.jsonl"
         fh = open(jsonl, "wb")  # noqa: SIM115 - rolls over to the next part below
         for key, image, tries in due:
@@ -162,76 +308,28 @@ class BatchCaptioner(OpenAICaptioner):
             }
             tries.image_url = ""  # held by the file now
             data = json.dumps(line, separators=(",", ":")).encode() + b"\n"
+            line_tokens = self.enqueued_tokens(tries)
             if keys and (
-                len(keys) >= self.batch.max_requests or fh.tell() + len(data) > self.batch.max_bytes
+                len(keys) >= self.batch.max_requests
+                or fh.tell() + len(data) > self.batch.max_bytes
+                or (cap is not None and tokens + line_tokens > cap)
             ):
                 fh.close()
-                pending.append((keys, jsonl))
-                keys = []
+                pending.append((keys, jsonl, most, tokens, images))
+                keys, most, tokens, images = [], 0.0, 0, []
                 jsonl = path.parent / f"{shard}.{len(state.parts) + len(pending)}.jsonl"
                 fh = open(jsonl, "wb")  # noqa: SIM115
             fh.write(data)
             keys.append(key)
+            most += self.most(tries, self.batch_price)
+            tokens += line_tokens
+            images.append(tries.image_tokens)
         fh.close()
         if keys:
-            pending.append((keys, jsonl))
+            pending.append((keys, jsonl, most, tokens, images))
         else:
             jsonl.unlink()
-        for part_keys, jsonl in pending:
-            with open(jsonl, "rb") as body:
-                uploaded = await call_api(
-                    client.files.create, file=(jsonl.name, body), purpose="batch"
-                )
-            part = Part(keys=part_keys, file_id=uploaded.id, uploaded_at=time.time())
-            state.parts.append(part)
-            save_state(path, state)
-            jsonl.unlink()
-            await self._create(client, shard, part, len(state.parts) - 1, resumed=False)
-            save_state(path, state)
-        return sum(len(part_keys) for part_keys, _ in pending)
-
-    async def _create(
-        self, client: openai.AsyncOpenAI, shard: str, part: Part, i: int, resumed: bool
-    ) -> None:
-        """Create the part's batch, unless it exists: a create whose answer was lost (a
-        dropped connection, or a kill before `resumed`) may have made it, and a second one
-        would run every request twice. Only then is the batch list searched."""
-        lost = resumed
-
-        async def find_or_create() -> Any:
-            nonlocal lost
-            found = await self._find(client, part) if lost else None
-            lost = True  # if this try fails, its answer may be lost too
-            return found or await client.batches.create(
-                input_file_id=part.file_id,
-                endpoint=self.url,
-                completion_window=self.batch.completion_window,
-                metadata={"recaption_shard": shard, "recaption_part": str(i)},
-            )
-
-        part.update(await call_api(find_or_create))
-
-    # -- follow -------------------------------------------------------------------------------
-
-    async def _refresh(self, client: openai.AsyncOpenAI, shard: str, state: BatchState) -> None:
-        """Where each live part stands now. A part stopped between its upload and its batch
-        gets its batch here (found, or created); the caller saves the state."""
-        for i, part in enumerate(state.parts):
-            if part.status not in LIVE:
-                continue
-            if part.batch_id is None:  # stopped after the upload: the batch may exist already
-                await self._create(client, shard, part, i, resumed=True)
-            else:
-                part.update(await call_api(client.batches.retrieve, part.batch_id))
-
-    async def _find(self, client: openai.AsyncOpenAI, part: Part) -> Any:
-        """The batch made from this part's file, among those created since its upload."""
-        async for batch in client.batches.list(limit=100):
-            if batch.input_file_id == part.file_id:
-                return batch
-            if batch.created_at < part.uploaded_at - 3600:  # newest first: it is not there
-                return None
-        return None
+        return pending
 
     # -- read answers -------------------------------------------------------------------------
 
@@ -242,13 +340,25 @@ class BatchCaptioner(OpenAICaptioner):
         part: Part,
         keys: dict[str, _Key],
         validate: Callable[[Caption], Caption],
-    ) -> None:
-        """Take a finished batch's output and error files, line by line."""
+    ) -> bool:
+        """Take a finished batch's output and error files, line by line. False: a file could
+        not be downloaded yet (retried on the next pass; no request is asked again)."""
+        usage = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+        if part.over_quota:  # the queue was full: no line ran, none is an attempt
+            self.counters["batch_over_quota"] += 1
+            part.usage = usage
+            if self.budget is not None:
+                self.budget.settle(part.reserved_usd, 0.0)
+            return True
         lines: dict[str, dict] = {}
         for file_id in (part.output_file_id, part.error_file_id):
             if not file_id:
                 continue
-            content = await call_api(client.files.content, file_id)
+            try:
+                content = await call_api(client.files.content, file_id)
+            except openai.APIError:
+                self.counters["batch_download_failed"] += 1
+                return False
             for raw in content.content.splitlines():
                 try:
                     line = json.loads(raw)
@@ -260,20 +370,31 @@ class BatchCaptioner(OpenAICaptioner):
             "cancelled": "the batch was cancelled before this request ran",
             "failed": "the batch failed: " + ("; ".join(part.errors) or "no reason given"),
         }.get(part.status, "missing from the batch's output")
-        usage = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+        bad = {part.keys[n - 1] for n in part.bad_lines if 0 < n <= len(part.keys)}
         for key in part.keys:
+            if bad and key not in bad:  # a batch refused for other lines: not an attempt
+                continue
             # image tokens only shape the online limiter's estimate; `caption` fills them in
             blank = Tries(max_tokens=self.cfg.max_output_tokens, image_url="", image_tokens=0)
             known = keys.setdefault(key, _Key(blank))
             spent = known.tries.usage
             before = (spent.input_tokens, spent.output_tokens, spent.cost_usd)
-            self._take(known, lines.get(key), missing, validate)
+            if key in bad:  # the API named this line: it will not take it
+                known.tries.usage.attempts += 1
+                known.answer = self._failure(Reason.bad_request, missing, known.tries)
+            else:
+                self._take(known, lines.get(key), missing, validate)
             if isinstance(known.answer, CaptionResult) and part.seconds is not None:
                 known.answer.latency_ms = part.seconds * 1000  # the batch's turnaround
             usage["input_tokens"] += spent.input_tokens - before[0]
             usage["output_tokens"] += spent.output_tokens - before[1]
             usage["cost_usd"] += spent.cost_usd - before[2]
         part.usage = usage
+        if self.budget is not None:
+            self.budget.settle(part.reserved_usd, usage["cost_usd"])
+        if (scale := self._learn(part, lines)) is not None:
+            self.scale = await self.queue.call("observe", scale)  # the run's, not only ours
+        return True
 
     def _take(
         self,

@@ -1,12 +1,14 @@
 """The `transformers` captioner: a local VLM loaded from a directory, no server, no hub.
 
-Qwen2.5-VL, SmolVLM, LLaVA, InternVL ... whatever `AutoModelForImageTextToText` loads,
-with the model's own processor and chat template. Per worker (one Ray actor per GPU with
-`ray.gpus_per_worker: 1`):
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SmolVLM, Idefics3, Gemma 3, LLaVA ... whatever
+`AutoModelForImageTextToText` loads, with the model's own processor, chat template and
+special tokens (`vlm_inputs.py`: the same on CPU and GPU, with or without torchvision). Per
+worker (one Ray actor per GPU with `ray.gpus_per_worker: 1`):
 
     caption(image) ─▶ queue ─▶ batch of up to `captioner.batch_size` (waits ≤ batch_wait_ms)
-      ─▶ processor(chat template + images, left padding) ─▶ model.generate, in a thread
-         so the event loop keeps reading and preparing the next images
+      ─▶ processor, in a thread: chat template + one image per prompt, left padding; it
+         encodes the next batch while the model generates this one
+      ─▶ model.generate, in another thread, so the event loop reads and prepares images on
       ─▶ JSON caption, or (a model that cannot write JSON) a dense-caption-only record
 
 A reply cut at the token budget is `truncated_output`; degenerate repetition is caught by
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,12 +31,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from recaption.captioners.base import Captioner, CaptionFailure, CaptionResult
-from recaption.captioners.prompt import (
-    USER_TEXT,
-    load_prompt,
-    parse_json_object,
-    prompt_with_schema,
-)
+from recaption.captioners.prompt import load_prompt, parse_json_object, prompt_with_schema
+from recaption.captioners.vlm_inputs import Inputs, torchvision_usable
 from recaption.config import CaptionerConfig, PipelineConfig
 from recaption.errors import ConfigError
 from recaption.images import PreparedImage
@@ -61,6 +60,7 @@ def check_model_path(cfg: CaptionerConfig) -> Path:
             f"the transformers backend needs torch and transformers ({exc.name} is missing): "
             "pip install 'recaption[local]'"
         ) from None
+    torchvision_usable()  # absent is fine; present but broken is a config error
     return path
 
 
@@ -85,12 +85,35 @@ def read_reply(text: str) -> tuple[Caption, bool]:
         return fallback_caption(text), False
 
 
+def image_token_id(config: Any) -> int:
+    """The placeholder id the model swaps for image features (named two ways in configs)."""
+    for name in ("image_token_id", "image_token_index"):
+        if (value := getattr(config, name, None)) is not None:
+            return int(value)
+    raise ConfigError(f"{config.model_type}: the model config names no image token")
+
+
+def _failed(exc: Exception, n: int) -> list[CaptionResult | CaptionFailure]:
+    detail = f"{type(exc).__name__}: {exc}"
+    return [CaptionFailure(Reason.caption_error, detail, Usage(attempts=1)) for _ in range(n)]
+
+
+def _settle(batch: list[tuple[PreparedImage, asyncio.Future]], results: list) -> None:
+    for (_, done), result in zip(batch, results, strict=True):
+        if done.done():  # its caller gave up (cancelled)
+            continue
+        if isinstance(result, CaptionFailure):
+            done.set_exception(result)
+        else:
+            done.set_result(result)
+
+
 class TransformersCaptioner(Captioner):
     backend = "transformers"
 
     def __init__(self, config: PipelineConfig, limiters: dict[str, Any] | None = None):
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         super().__init__(config, limiters)
         self.cfg = cfg = config.captioner
@@ -100,21 +123,24 @@ class TransformersCaptioner(Captioner):
         cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if cuda else "cpu")
         self.dtype = torch.bfloat16 if cuda else torch.float32
-        self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        self.tokenizer.padding_side = "left"  # generation appends on the right
+        # the schema rides in the prompt: local models get no structured-output format
+        self.inputs = Inputs(path, prompt_with_schema(prompt))
+        self.processor, self.tokenizer = self.inputs.processor, self.inputs.tokenizer
         self.vlm = AutoModelForImageTextToText.from_pretrained(
             path, local_files_only=True, dtype=self.dtype
         )
         self.vlm.to(self.device).eval()
-        # the schema rides in the prompt: local models get no structured-output format
-        messages = [
-            {"role": "system", "content": prompt_with_schema(prompt)},
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": USER_TEXT}]},
-        ]
-        self.text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        self.image_token_id = image_token_id(self.vlm.config)
+        eos = self.vlm.generation_config.eos_token_id
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:  # some tokenizers have none: pad with an end token
+            self.pad_id = min(self.eos_ids)
         self.batch_size = cfg.batch_size or self._batch_by_memory()
-        self.timings: Counter[str] = Counter()  # generate_s, batches, images: for bench/
+        # seconds in each step and what went through, for bench/ and the tests
+        self.timings: Counter[str] = Counter()
+        self._tokenizer_lock = threading.Lock()
         self._queue: asyncio.Queue | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._batcher: asyncio.Task | None = None
@@ -160,43 +186,60 @@ class TransformersCaptioner(Captioner):
         return await done
 
     async def _batches(self) -> None:
-        assert self._queue is not None
-        wait = self.cfg.batch_wait_ms / 1000
-        while True:
-            batch = [await self._queue.get()]
-            deadline = time.monotonic() + wait
-            while len(batch) < self.batch_size:
+        """Two stages: the next batch is encoded (CPU) while the model generates the one
+        before, so preprocessing does not leave the model idle between batches."""
+        running: asyncio.Task | None = None
+        try:
+            while True:
+                batch = await self._collect()
                 try:
-                    left = deadline - time.monotonic()
-                    batch.append(await asyncio.wait_for(self._queue.get(), max(left, 0)))
-                except TimeoutError:
-                    break
-            try:
-                results = await asyncio.to_thread(self._generate, [im for im, _ in batch])
-            except Exception as exc:  # the whole batch failed (out of memory, a bad image)
-                detail = f"{type(exc).__name__}: {exc}"
-                results = [
-                    CaptionFailure(Reason.caption_error, detail, Usage(attempts=1)) for _ in batch
-                ]
-            for (_, done), result in zip(batch, results, strict=True):
-                if done.done():
+                    inputs = await asyncio.to_thread(self._encode, [im for im, _ in batch])
+                except Exception as exc:  # an image the processor cannot take
+                    _settle(batch, _failed(exc, len(batch)))
                     continue
-                if isinstance(result, CaptionFailure):
-                    done.set_exception(result)
-                else:
-                    done.set_result(result)
+                if running is not None:
+                    await running
+                running = asyncio.create_task(self._run(batch, inputs))
+        finally:
+            if running is not None:
+                running.cancel()
 
-    def _generate(self, prepared: list[PreparedImage]) -> list[CaptionResult | CaptionFailure]:
+    async def _collect(self) -> list[tuple[PreparedImage, asyncio.Future]]:
+        """Up to batch_size queued images, waiting at most batch_wait_ms for more."""
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        deadline = time.monotonic() + self.cfg.batch_wait_ms / 1000
+        while len(batch) < self.batch_size:
+            try:
+                left = deadline - time.monotonic()
+                batch.append(await asyncio.wait_for(self._queue.get(), max(left, 0)))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self, batch: list[tuple[PreparedImage, asyncio.Future]], inputs: Any) -> None:
+        try:
+            results = await asyncio.to_thread(self._generate, inputs)
+        except Exception as exc:  # the whole batch failed (out of memory, ...)
+            results = _failed(exc, len(batch))
+        _settle(batch, results)
+
+    def encode(self, images: list[Image.Image]) -> Any:
+        """Model inputs for one prompt per image, on the model's device and dtype."""
+        with self._tokenizer_lock:
+            return self.inputs(images).to(self.device, self.dtype)
+
+    def _encode(self, prepared: list[PreparedImage]) -> Any:
+        t0 = time.perf_counter()
+        inputs = self.encode([Image.open(io.BytesIO(p.data)).convert("RGB") for p in prepared])
+        self.timings.update(prep_s=time.perf_counter() - t0)
+        return inputs
+
+    def _generate(self, inputs: Any) -> list[CaptionResult | CaptionFailure]:
         import torch
 
-        images = [Image.open(io.BytesIO(p.data)).convert("RGB") for p in prepared]
-        inputs = self.processor(
-            text=[self.text] * len(images), images=images, padding=True, return_tensors="pt"
-        ).to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        sample = bool(self.cfg.temperature)
         t0 = time.perf_counter()
+        sample = bool(self.cfg.temperature)
         with torch.inference_mode():
             out = self.vlm.generate(
                 **inputs,
@@ -206,38 +249,45 @@ class TransformersCaptioner(Captioner):
                 top_p=None,
                 top_k=None,
                 repetition_penalty=self.cfg.repetition_penalty,
-                pad_token_id=self.tokenizer.pad_token_id,
+                pad_token_id=self.pad_id,
             )
-        self.timings.update(generate_s=time.perf_counter() - t0, batches=1, images=len(images))
-        prompt_len = inputs["input_ids"].shape[1]
-        new = out[:, prompt_len:]
-        eos = self.vlm.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
-        texts = self.processor.batch_decode(new, skip_special_tokens=True)
-        results: list[CaptionResult | CaptionFailure] = []
-        for row, text, prompt_tokens in zip(
-            new.tolist(), texts, inputs["attention_mask"].sum(1).tolist(), strict=True
-        ):
-            ended = any(t in eos_ids for t in row)
-            output_tokens = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
-            usage = Usage(int(prompt_tokens), output_tokens, attempts=1)
-            if not ended:
-                usage.outcomes.update(requests=1, truncated=1)
-                detail = f"no end of reply within max_output_tokens={self.cfg.max_output_tokens}"
-                results.append(CaptionFailure(Reason.truncated_output, detail, usage))
-            else:
-                caption, as_json = read_reply(text)
-                usage.outcomes.update(requests=1, **{"json" if as_json else "text_fallback": 1})
-                results.append(CaptionResult(caption=caption, usage=usage))
-            self.counters.update(usage.outcomes)
+        t1 = time.perf_counter()
+        ids = inputs["input_ids"]
+        new = out[:, ids.shape[1] :].tolist()
+        prompt_tokens = inputs["attention_mask"].sum(1).tolist()
+        with self._tokenizer_lock:  # a fast tokenizer is not to be used by two threads at once
+            results = [self._result(row, int(n)) for row, n in zip(new, prompt_tokens, strict=True)]
+        self.timings.update(
+            generate_s=t1 - t0,
+            decode_s=time.perf_counter() - t1,
+            batches=1,
+            images=len(new),
+            image_tokens=int((ids == self.image_token_id).sum()),
+            input_tokens=sum(prompt_tokens),
+        )
         return results
+
+    def _result(self, row: list[int], prompt_tokens: int) -> CaptionResult | CaptionFailure:
+        """One reply: its tokens up to the first end token, read as a caption."""
+        end = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+        output_tokens = len(row) if end is None else end + 1
+        usage = Usage(prompt_tokens, output_tokens, attempts=1)
+        self.timings.update(output_tokens=output_tokens)
+        if end is None:
+            usage.outcomes.update(requests=1, truncated=1)
+            self.counters.update(usage.outcomes)
+            detail = f"no end of reply within max_output_tokens={self.cfg.max_output_tokens}"
+            return CaptionFailure(Reason.truncated_output, detail, usage)
+        text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
+        caption, as_json = read_reply(text)
+        usage.outcomes.update(requests=1, **{"json" if as_json else "text_fallback": 1})
+        self.counters.update(usage.outcomes)
+        return CaptionResult(caption=caption, usage=usage)
 
     def image_tokens(self, image: PreparedImage) -> int:
         """Prompt tokens this image adds: visual tokens dominate a local VLM's prefill."""
         im = Image.open(io.BytesIO(image.data)).convert("RGB")
-        with_image = self.processor(text=[self.text], images=[im], return_tensors="pt")
-        text_only = self.tokenizer(self.text, return_tensors="pt")
-        return int(with_image["input_ids"].shape[1] - text_only["input_ids"].shape[1] + 1)
+        return int((self.encode([im])["input_ids"] == self.image_token_id).sum())
 
     def describe(self) -> dict[str, Any]:
         return {

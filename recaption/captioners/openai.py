@@ -153,6 +153,8 @@ class OpenAICaptioner(Captioner):
         }
         # without a schema on the wire (JSON mode, plain text) the prompt spells it out
         self.prompt_with_schema = prompt_with_schema(self.prompt)
+        # text at ~3 characters a token overestimates a little; `settle` corrects it
+        self.text_tokens = len(self.prompt_with_schema) // 3 + 40
 
     # -- what the driver asks before any worker -----------------------------------------------
 
@@ -191,6 +193,10 @@ class OpenAICaptioner(Captioner):
             image_url="",  # encoded when a request is made
             image_tokens=self.image_tokens(image),
         )
+
+    def most(self, tries: Tries, price: Price) -> float:
+        """The most one attempt can cost: its input as estimated, and all of max_tokens."""
+        return price.cost(self.text_tokens + tries.image_tokens, tries.max_tokens)
 
     def image_tokens(self, image: PreparedImage) -> int:
         return image_tokens(self.model, image.width, image.height, self.cfg.image.detail)
@@ -265,15 +271,22 @@ class OpenAICaptioner(Captioner):
         return request
 
     async def _attempt(self, tries: Tries) -> Caption:
-        # text at ~3 characters a token overestimates a little; `settle` corrects it
-        text_tokens = len(self.prompt_with_schema) // 3 + 40
-        estimate = text_tokens + tries.image_tokens + tries.max_tokens
-        endpoint, permit = await self.pool.acquire(estimate)
-        endpoint.in_flight += 1
+        estimate = self.text_tokens + tries.image_tokens + tries.max_tokens
+        # the most this attempt can cost, held against the spend cap until it is answered
+        most = self.most(tries, self.price)
+        if self.budget is not None:
+            await self.budget.reserve(most)
+        before = tries.usage.cost_usd
         try:
-            return await self._send(endpoint, permit, tries)
+            endpoint, permit = await self.pool.acquire(estimate)
+            endpoint.in_flight += 1
+            try:
+                return await self._send(endpoint, permit, tries)
+            finally:
+                endpoint.in_flight -= 1
         finally:
-            endpoint.in_flight -= 1
+            if self.budget is not None:
+                self.budget.settle(most, tries.usage.cost_usd - before)
 
     async def _send(self, endpoint: Endpoint, permit: Permit, tries: Tries) -> Caption:
         tries.usage.attempts += 1

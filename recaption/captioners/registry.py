@@ -28,8 +28,18 @@ def backend_of(cfg: PipelineConfig) -> type[Captioner]:
     return backend_class(cfg.captioner.backend)
 
 
-def make_captioner(cfg: PipelineConfig, limiters: dict[str, Any] | None = None) -> Captioner:
-    return backend_of(cfg)(cfg, limiters)
+def make_captioner(
+    cfg: PipelineConfig,
+    limiters: dict[str, Any] | None = None,
+    budget: Any = None,
+    queues: dict[str, Any] | None = None,
+) -> Captioner:
+    """What the run's workers share: `limiters` (endpoint name -> LimiterActor), `budget`
+    (a BudgetActor when `limits.max_usd` caps the spend), `queues` (endpoint name -> the
+    Batch API's QueueActor)."""
+    captioner = backend_of(cfg)(cfg, limiters)
+    captioner.share(budget, queues)
+    return captioner
 
 
 def captioner_identity(cfg: PipelineConfig) -> tuple[str, str, str]:

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from recaption.corpus import DATA_DIR, CorpusStore
+from recaption.corpus import DATA_DIR, Committed, CorpusStore
 from recaption.errors import ConfigError
 from recaption.lens.config import SOURCE_COLUMNS, DataConfig
 
@@ -60,7 +60,12 @@ class CorpusStream:
     def __post_init__(self) -> None:
         store = CorpusStore(self.corpus)  # a local path or any URI the pipeline writes to
         self.fs = store.arrow_fs
-        self.files = list(store.shard_files(DATA_DIR).values())
+        files = store.shard_files(DATA_DIR)
+        manifest = store.load_manifest()
+        if manifest is not None:  # a recaption corpus: its committed shards, none mid-write
+            committed = Committed.read(store, manifest).ids
+            files = {sid: path for sid, path in files.items() if sid in committed}
+        self.files = list(files.values())
         if not self.files:
             raise ConfigError(
                 f"no corpus shards in {self.corpus}/data (make one with `recaption run`)"
