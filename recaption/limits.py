@@ -323,34 +323,46 @@ class Budget:
 BudgetActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Budget)
 
 
-class Spend:
+class Handle:
+    """A worker's handle on something the run shares: the object itself (one process,
+    tests), or the handle of the actor holding it."""
+
+    def __init__(self, target: Any, local: type):
+        self.target = target
+        self.remote = not isinstance(target, local)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if self.remote:
+            return await getattr(self.target, method).remote(*args)
+        return getattr(self.target, method)(*args)
+
+    def tell(self, method: str, *args: Any) -> None:
+        """Fire and forget: Ray runs one caller's actor calls in order."""
+        if self.remote:
+            getattr(self.target, method).remote(*args)
+        else:
+            getattr(self.target, method)(*args)
+
+
+class Spend(Handle):
     """A worker's handle on the run's Budget (local, or a BudgetActor)."""
 
     def __init__(self, budget: Budget | Any):
-        self.budget = budget
-        self.remote = not isinstance(budget, Budget)
-
-    async def _call(self, method: str, *args: Any) -> Any:
-        if self.remote:
-            return await getattr(self.budget, method).remote(*args)
-        return getattr(self.budget, method)(*args)
+        super().__init__(budget, Budget)
 
     async def reserve(self, usd: float, wait: bool = True) -> None:
         """Returns once `usd` is reserved; raises BudgetSpent at the cap (or, without
         `wait`, when it does not fit now)."""
-        while (answer := await self._call("reserve", usd)) == "wait" and wait:
+        while (answer := await self.call("reserve", usd)) == "wait" and wait:
             await asyncio.sleep(0.05)
         if answer != "ok":
             raise BudgetSpent("the spend cap (limits.max_usd) is reached")
 
     async def hold(self, usd: float) -> None:
-        await self._call("hold", usd)
+        await self.call("hold", usd)
 
     def settle(self, reserved: float, spent: float) -> None:
-        if self.remote:
-            self.budget.settle.remote(reserved, spent)
-        else:
-            self.budget.settle(reserved, spent)
+        self.tell("settle", reserved, spent)
 
 
 # --- the Batch API's queue --------------------------------------------------------------------
@@ -419,14 +431,8 @@ class QueueQuota:
 QueueActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(QueueQuota)
 
 
-class Queue:
+class Queue(Handle):
     """A worker's handle on a QueueQuota (local, or a QueueActor)."""
 
     def __init__(self, quota: QueueQuota | Any):
-        self.quota = quota
-        self.remote = not isinstance(quota, QueueQuota)
-
-    async def call(self, method: str, *args: Any) -> Any:
-        if self.remote:
-            return await getattr(self.quota, method).remote(*args)
-        return getattr(self.quota, method)(*args)
+        super().__init__(quota, QueueQuota)

@@ -211,9 +211,9 @@ def run(
     retry_rejected: frozenset[str] | None = None,
 ) -> RunSummary:
     """Caption the input into the corpus. `show_progress`: True (the bar), False, "auto" (the
-    bar on a terminal, a line every 30 s in a log), "bar", "lines", or a ProgressStyle. `retry_rejected`: also
-    ask again, in committed shards, the rejected keys with these reasons (each shard
-    recommitted whole)."""
+    bar on a terminal, a line every 30 s in a log), "bar", "lines", or a ProgressStyle.
+    `retry_rejected`: also ask again, in committed shards, the rejected keys with these
+    reasons (each shard recommitted whole)."""
     # a captioner config that cannot work (a prompt, a model path, credentials) fails
     # before anything is written
     captioner_identity(cfg)
