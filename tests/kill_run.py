@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 from openai_server import OpenAIServer
 
 
@@ -30,10 +31,17 @@ def kill_after(argv: list[str], server: OpenAIServer, requests: int) -> bool:
     while len(server.events) < target and proc.poll() is None:
         time.sleep(0.02)
     killed = proc.poll() is None
+    # the run's local Ray (raylet, GCS, workers, agents): the driver's descendants
+    family: list[psutil.Process] = []
+    with contextlib.suppress(psutil.Error):
+        family = psutil.Process(proc.pid).children(recursive=True)
     if killed:
         proc.send_signal(signal.SIGKILL)  # the driver alone, as `kill -9 PID` does
     proc.wait()
-    time.sleep(1)  # Ray's raylet and workers die with their parent (they fate-share)
+    time.sleep(1)  # Ray's raylet and workers die with their parent (they fate-share) ...
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # its agents may not: leave no process behind
+        os.killpg(proc.pid, signal.SIGKILL)
+    for child in family if killed else []:  # ... but not always at once: a worker that
+        with contextlib.suppress(psutil.Error):  # outlives it must not answer into the next run
+            child.kill()
     return killed
