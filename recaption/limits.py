@@ -188,6 +188,27 @@ def _number(value: str | None) -> float | None:
 LimiterActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(EndpointLimiter)
 
 
+class Handle:
+    """A worker's handle on something the run shares: the object itself (one process,
+    tests), or the handle of the actor holding it."""
+
+    def __init__(self, target: Any, local: type):
+        self.target = target
+        self.remote = not isinstance(target, local)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if self.remote:
+            return await getattr(self.target, method).remote(*args)
+        return getattr(self.target, method)(*args)
+
+    def tell(self, method: str, *args: Any) -> None:
+        """Fire and forget: Ray runs one caller's actor calls in order."""
+        if self.remote:
+            getattr(self.target, method).remote(*args)
+        else:
+            getattr(self.target, method)(*args)
+
+
 @dataclass
 class Permit:
     tokens: int  # reserved for this request
@@ -196,7 +217,7 @@ class Permit:
     granted_at: float  # time.monotonic() in this process
 
 
-class Quota:
+class Quota(Handle):
     """A worker's side of one endpoint's limiter, local or a `LimiterActor` handle.
 
     `try_acquire` returns a Permit, or the seconds to wait before trying again. Permits are
@@ -205,26 +226,13 @@ class Quota:
     """
 
     def __init__(self, limiter: EndpointLimiter | Any):
-        self.limiter = limiter
-        self.remote = not isinstance(limiter, EndpointLimiter)
+        super().__init__(limiter, EndpointLimiter)
         self.pocket: list[Permit] = []
         self.pocket_expires = 0.0
         self.not_before = 0.0  # no lease before this: paused, or the limiter said to wait
         self.free = 1.0  # as of the last lease
         self.waiting = 0
         self._lock = asyncio.Lock()
-
-    async def _call(self, method: str, *args: Any) -> Any:
-        if self.remote:
-            return await getattr(self.limiter, method).remote(*args)
-        return getattr(self.limiter, method)(*args)
-
-    def _tell(self, method: str, *args: Any) -> None:
-        """Fire and forget: Ray runs one caller's actor calls in order."""
-        if self.remote:
-            getattr(self.limiter, method).remote(*args)
-        else:
-            getattr(self.limiter, method)(*args)
 
     async def try_acquire(self, tokens: int) -> Permit | float:
         now = time.monotonic()
@@ -239,7 +247,7 @@ class Quota:
                 if now < self.not_before:  # the limiter said when: no need to ask again
                     return self.not_before - now
                 self._return_pocket()
-                grant: Grant = await self._call("lease", min(self.waiting, 16), tokens)
+                grant: Grant = await self.call("lease", min(self.waiting, 16), tokens)
                 self.free = grant.free
                 if not grant.permits:
                     # one lease call per wait, not one per waiting coroutine
@@ -257,23 +265,23 @@ class Quota:
 
     def _return_pocket(self) -> None:
         if self.pocket:
-            self._tell("settle", sum(p.tokens for p in self.pocket))
+            self.tell("settle", sum(p.tokens for p in self.pocket))
             self.pocket = []
 
     def settle(self, permit: Permit, tokens_used: int) -> None:
         if tokens_used != permit.tokens:
-            self._tell("settle", permit.tokens - tokens_used)
+            self.tell("settle", permit.tokens - tokens_used)
 
     def observe(self, headers: Mapping[str, str], permit: Permit) -> None:
         wanted = {k: v for k, v in headers.items() if k.startswith("x-ratelimit-")}
         if wanted:
             age = time.monotonic() - permit.granted_at
-            self._tell("observe", wanted, permit.mark, permit.token_mark, age)
+            self.tell("observe", wanted, permit.mark, permit.token_mark, age)
 
     def pause(self, seconds: float) -> None:
         self.not_before = max(self.not_before, time.monotonic() + seconds)
         self.pocket = []  # these were sent to nobody; the server never counted them
-        self._tell("pause", seconds)
+        self.tell("pause", seconds)
 
 
 # --- the spend cap ------------------------------------------------------------------------------
@@ -321,27 +329,6 @@ class Budget:
 
 
 BudgetActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Budget)
-
-
-class Handle:
-    """A worker's handle on something the run shares: the object itself (one process,
-    tests), or the handle of the actor holding it."""
-
-    def __init__(self, target: Any, local: type):
-        self.target = target
-        self.remote = not isinstance(target, local)
-
-    async def call(self, method: str, *args: Any) -> Any:
-        if self.remote:
-            return await getattr(self.target, method).remote(*args)
-        return getattr(self.target, method)(*args)
-
-    def tell(self, method: str, *args: Any) -> None:
-        """Fire and forget: Ray runs one caller's actor calls in order."""
-        if self.remote:
-            getattr(self.target, method).remote(*args)
-        else:
-            getattr(self.target, method)(*args)
 
 
 class Spend(Handle):
