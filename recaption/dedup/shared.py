@@ -1,0 +1,227 @@
+"""The run's index as workers hold it: one local DedupIndex, or N partition actors.
+
+A partition owns the shas whose first 32 bits fall to it (so an exact duplicate is decided by
+one actor, exactly once a run), the entries of those originals (state, link, caption) and the
+multi-index of their phashes. A claim batch is three rounds of at most N parallel calls,
+whatever its size: claim_exact at the shas' partitions, near_lookup at every partition (each
+searches its own originals), settle at the shas' partitions. Two near copies claimed at the
+same moment on two workers can both become originals (the bench counts how often); exact
+copies cannot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from typing import Any
+
+import ray
+
+from recaption.dedup.fingerprint import Fingerprint
+from recaption.dedup.index import Claim, DedupIndex
+
+DedupActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(DedupIndex)
+HOMES_KEPT = 1_000_000  # keys whose partition a handle remembers; beyond it, it asks them all
+MAX_LINKS = 8  # near links followed to reach a caption
+
+
+def _popcount(x: int) -> int:
+    return x.bit_count()
+
+
+class SharedIndex:
+    def __init__(self, target: DedupIndex | list[Any]):
+        self.local = target if isinstance(target, DedupIndex) else None
+        self.parts: list[Any] = [] if self.local is not None else list(target)
+        self.max_distance = self.local.max_distance if self.local else None
+        self.homes: dict[str, int] = {}  # key -> partition, learnt from claims
+
+    def __reduce__(self):  # a handle pickles as its actors (or its local index), nothing else
+        return (SharedIndex, (self.local if self.local is not None else self.parts,))
+
+    @classmethod
+    def start(
+        cls,
+        partitions: int,
+        max_distance: int = 10,
+        near: bool = True,
+        name_prefix: str = "recaption-dedup",
+    ) -> SharedIndex:
+        """Named partition actors (num_cpus=0), spread over the cluster's nodes."""
+        actors = [
+            DedupActor.options(
+                name=f"{name_prefix}-{i}", scheduling_strategy="SPREAD", get_if_exists=True
+            ).remote(max_distance, near)
+            for i in range(partitions)
+        ]
+        index = cls(actors)
+        index.max_distance = max_distance
+        return index
+
+    def shutdown(self) -> None:
+        for actor in self.parts:
+            ray.kill(actor)
+        self.parts = []
+
+    # --- calls ------------------------------------------------------------------------------
+
+    @property
+    def n(self) -> int:
+        return 1 if self.local is not None else len(self.parts)
+
+    def home(self, fp: Fingerprint) -> int:
+        return int(fp.sha256[:8], 16) % self.n
+
+    async def _call(self, part: int, method: str, *args: Any) -> Any:
+        if self.local is not None:
+            return getattr(self.local, method)(*args)
+        return await getattr(self.parts[part], method).remote(*args)
+
+    async def _all(self, method: str, *args: Any) -> list[Any]:
+        return await asyncio.gather(*(self._call(p, method, *args) for p in range(self.n)))
+
+    def _remember(self, key: str, part: int) -> None:
+        if len(self.homes) >= HOMES_KEPT:
+            self.homes.clear()
+        self.homes[key] = part
+
+    # --- the API ----------------------------------------------------------------------------
+
+    async def claim(self, items: list[tuple[str, Fingerprint]]) -> list[Claim]:
+        if self.n == 1:  # one partition: one call, atomic for near copies too
+            claims = await self._call(0, "claim", items)
+            for (key, _), c in zip(items, claims, strict=True):
+                self._remember(c.original if c.original else key, 0)
+            return claims
+        out: list[Claim | None] = [None] * len(items)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for pos, (_, fp) in enumerate(items):
+            groups[self.home(fp)].append(pos)
+        firsts = await asyncio.gather(
+            *(self._call(p, "claim_exact", [items[i] for i in pos]) for p, pos in groups.items())
+        )
+        fresh: list[int] = []
+        for (part, pos), claims in zip(groups.items(), firsts, strict=True):
+            for i, c in zip(pos, claims, strict=True):
+                self._remember(c.original if c is not None and c.original else items[i][0], part)
+                if c is None:
+                    fresh.append(i)
+                else:
+                    out[i] = c
+        if fresh:
+            await self._settle(items, fresh, out)
+        return out  # type: ignore[return-value]
+
+    async def _settle(
+        self, items: list[tuple[str, Fingerprint]], fresh: list[int], out: list[Claim | None]
+    ) -> None:
+        queries = [(items[i][1].phash, items[i][1].dhash, items[i][1].near_ok) for i in fresh]
+        answers = await self._all("near_lookup", queries)
+        hits: list[tuple[int, str] | None] = []
+        for j in range(len(fresh)):
+            found = [(a[j], p) for p, a in enumerate(answers) if a[j] is not None]
+            best = min(found, default=None)
+            if best is not None:
+                self._remember(best[0][1], best[1])
+            hits.append(best[0] if best else None)
+        self._within_batch(items, fresh, hits)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for j, i in enumerate(fresh):
+            groups[self.home(items[i][1])].append(j)
+        settled = await asyncio.gather(
+            *(
+                self._call(
+                    p,
+                    "settle",
+                    [
+                        (
+                            items[fresh[j]][0],
+                            items[fresh[j]][1].phash,
+                            items[fresh[j]][1].near_ok,
+                            hits[j],
+                        )
+                        for j in js
+                    ],
+                )
+                for p, js in groups.items()
+            )
+        )
+        for js, claims in zip(groups.values(), settled, strict=True):
+            for j, c in zip(js, claims, strict=True):
+                out[fresh[j]] = c
+
+    def _within_batch(
+        self,
+        items: list[tuple[str, Fingerprint]],
+        fresh: list[int],
+        hits: list[tuple[int, str] | None],
+    ) -> None:
+        """Near copies inside one batch: a later one is a duplicate of an earlier new one."""
+        if self.max_distance is None:
+            return
+        originals: list[Fingerprint] = []
+        keys: list[str] = []
+        for j, i in enumerate(fresh):
+            key, fp = items[i]
+            if hits[j] is not None or not fp.near_ok:
+                continue
+            for okey, ofp in zip(keys, originals, strict=True):
+                d = _popcount(ofp.phash ^ fp.phash)
+                if d <= self.max_distance and _popcount(ofp.dhash ^ fp.dhash) <= self.max_distance:
+                    hits[j] = (d, okey)
+                    break
+            else:
+                originals.append(fp)
+                keys.append(key)
+
+    async def answered(self, key: str, caption: dict | None) -> None:
+        part = self.homes.get(key)
+        if part is None:
+            await self._all("answered", key, caption)  # each partition ignores keys not its own
+        else:
+            await self._call(part, "answered", key, caption)
+
+    async def seed(self, items: list[tuple[str, Fingerprint, dict]]) -> None:
+        groups: dict[int, list] = defaultdict(list)
+        for item in items:
+            groups[self.home(item[1])].append(item)
+        await asyncio.gather(*(self._call(p, "seed", g) for p, g in groups.items()))
+
+    async def _state_of(self, key: str) -> tuple[str, Any]:
+        part = self.homes.get(key)
+        if part is not None:
+            state = await self._call(part, "caption_state", key)
+            if state[0] != "unknown":
+                return state
+        for state in await self._all("caption_state", key):
+            if state[0] != "unknown":
+                return state
+        return ("unknown", None)
+
+    async def caption(self, original: str, timeout_s: float) -> dict | None:
+        """The original's caption once answered (following near links); None when it was
+        rejected or `timeout_s` passed: then the caller asks the captioner itself."""
+        deadline = time.monotonic() + timeout_s
+        delay, key, hops = 0.01, original, 0
+        while True:
+            kind, value = await self._state_of(key)
+            if kind == "caption":
+                return value
+            if kind == "rejected":
+                return None
+            if kind == "link" and hops < MAX_LINKS:
+                key, hops = value, hops + 1
+                continue
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.25)
+
+    async def state(self) -> dict[str, Any]:
+        total: dict[str, Any] = defaultdict(int)
+        for s in await self._all("state"):
+            for k, v in s.items():
+                if k != "blocks":
+                    total[k] += v
+        return dict(total)

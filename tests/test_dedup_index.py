@@ -1,0 +1,179 @@
+"""The duplicate index: exact copies exactly, near copies found, distinct images never merged."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from recaption.config import ImageConfig
+from recaption.dedup import Claim, DedupIndex, SharedIndex, fingerprint
+from recaption.images import prepare
+from recaption.samples import _load_photos
+from recaption.scenes import SAMPLES, SCENES, random_scene, render
+
+CFG = ImageConfig()
+
+
+def _jpeg(im: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _fit(im: Image.Image, side: int = 512) -> Image.Image:
+    im = im.copy()
+    im.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return im
+
+
+def _near_copy(im: Image.Image, rng: random.Random, how: str) -> bytes:
+    """A resized, re-encoded or few-px-cropped copy (or all three)."""
+    w, h = im.size
+    if how in ("crop", "all"):
+        c = [rng.randint(1, 6) for _ in range(4)]
+        im = im.crop((c[0], c[1], w - c[2], h - c[3]))
+    if how in ("resize", "all"):
+        s = rng.uniform(0.4, 0.9)
+        im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.LANCZOS)
+    return _jpeg(im, rng.randint(55, 95) if how in ("quality", "all") else 90)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """(distinct, exact, near): (key, prepared) lists; exact and near carry their original."""
+    rng = random.Random(7)
+    pictures = [_fit(p) for p in _load_photos().values()]
+    pictures += [p.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in pictures]
+    pictures += [render(random_scene(rng, SAMPLES)) for _ in range(150)]
+    pictures += [render(random_scene(rng, SCENES)) for _ in range(150)]
+    distinct = [(f"d{i}", prepare(_jpeg(p), CFG)) for i, p in enumerate(pictures)]
+    exact = [(f"e{i}", prepare(distinct[i][1].data, CFG), f"d{i}") for i in range(0, 330, 5)]
+    near = []
+    for i in range(30):  # the photos and their mirror images
+        for k, how in enumerate(("resize", "quality", "crop", "all")):
+            near.append((f"n{i}-{k}", prepare(_near_copy(pictures[i], rng, how), CFG), f"d{i}"))
+    return distinct, exact, near
+
+
+def test_fingerprint_passed_through_and_decoded_agree(corpus):
+    distinct, _, _ = corpus
+    _, image = distinct[0]
+    assert image.passed_through and image.decoded is None
+    again = prepare(image.data, ImageConfig(reencode="always"))
+    a, b = fingerprint(image), fingerprint(again)
+    assert image.decoded is None  # hashing did not decode the image
+    assert (a.phash ^ b.phash).bit_count() <= 4 and a.near_ok == b.near_ok
+
+
+def test_exact_near_and_distinct(corpus):
+    distinct, exact, near = corpus
+    fps = {key: fingerprint(im) for key, im, *_ in distinct + exact + near}
+    index = DedupIndex()
+    claims = dict(zip(fps, index.claim(list(fps.items())), strict=True))
+
+    merged = [k for k, _ in distinct if claims[k].kind != "new"]
+    assert not merged, f"distinct images matched: {[(k, claims[k]) for k in merged]}"
+    assert all(claims[k] == Claim("exact", orig) for k, _, orig in exact)
+    eligible = [(k, orig) for k, _, orig in near if fps[orig].near_ok]
+    found = sum(claims[k].kind == "near" and claims[k].original == orig for k, orig in eligible)
+    assert len(eligible) >= 80 and found >= 0.99 * len(eligible), (found, len(eligible))
+    # a near copy never claims a wrong original
+    assert all(claims[k].original in (None, orig) for k, _, orig in near)
+
+    # the threshold's margin, on the photos: distinct pairs far above, copies below
+    photo = np.array([fps[f"d{i}"].phash for i in range(30)], dtype=np.uint64)
+    apart = np.bitwise_count(photo[:, None] ^ photo[None, :])[np.triu_indices(30, 1)]
+    copies = [(fps[k].phash ^ fps[o].phash).bit_count() for k, _, o in near]
+    assert apart.min() > index.max_distance >= np.percentile(copies, 99)
+
+
+def test_reclaim_is_idempotent():
+    index = DedupIndex()
+    a, b = _fp(1, 0xF0F0), _fp(2, 0xF0F1)
+    first = index.claim([("a", a), ("b", b), ("c", a)])
+    assert first == [Claim("new"), Claim("near", "a", 1), Claim("exact", "a")]
+    assert index.claim([("a", a), ("b", b), ("c", a)]) == first  # a resumed run
+
+
+def test_rejected_original_hands_over():
+    index = DedupIndex()
+    fp = _fp(1, 0xABCD)
+    assert index.claim([("a", fp), ("b", fp)]) == [Claim("new"), Claim("exact", "a")]
+    index.answered("a", None)
+    assert index.caption_state("a") == ("rejected", None)  # b asks itself
+    assert index.claim([("c", fp)]) == [Claim("new")]  # the next claimer is the original
+    index.answered("c", {"caption": "x"})
+    assert index.claim([("d", fp)]) == [Claim("exact", "c")]
+    assert index.caption_of("d") is None and index.caption_of("c") == {"caption": "x"}
+
+
+def test_seed_and_caption_through_links():
+    index = DedupIndex()
+    index.seed([("old", _fp(1, 0xFF00), {"caption": "earlier corpus"})])
+    assert index.claim([("x", _fp(2, 0xFF01)), ("y", _fp(1, 0xFF00))]) == [
+        Claim("near", "old", 1),
+        Claim("exact", "old"),
+    ]
+    assert index.caption_of("x") == {"caption": "earlier corpus"}
+    assert index.state()["seeded"] == 1
+
+
+def _fp(n: int, phash: int, near_ok: bool = True):
+    from recaption.dedup import Fingerprint
+
+    return Fingerprint(f"{n:064x}", phash, phash, near_ok)
+
+
+def _random_items(n: int, seed: int) -> list:
+    """Originals, exact copies and 1-3-bit near copies, shuffled."""
+    rng = random.Random(seed)
+    base = [_fp(rng.getrandbits(200), rng.getrandbits(64)) for _ in range(n)]
+    items = [(f"o{i}", fp) for i, fp in enumerate(base)]
+    items += [(f"x{i}", base[i]) for i in range(0, n, 4)]
+    for i in range(0, n, 3):
+        flip = sum(1 << b for b in rng.sample(range(64), rng.randint(1, 3)))
+        items.append((f"n{i}", _fp(rng.getrandbits(200), base[i].phash ^ flip)))
+    return items
+
+
+def test_shared_actors_match_local(ray_cluster):
+    items = _random_items(300, seed=3)
+    local = DedupIndex().claim(items)
+    shared = SharedIndex.start(3, name_prefix="test-dedup")
+    try:
+        got = []
+        for i in range(0, len(items), 32):
+            got += asyncio.run(shared.claim(items[i : i + 32]))
+        assert got == local
+        assert asyncio.run(shared.claim(items[:50])) == local[:50]  # idempotent
+        assert asyncio.run(shared.state())["exact"] == sum(c.kind == "exact" for c in local)
+    finally:
+        shared.shutdown()
+
+
+def test_shared_caption_waits_and_times_out(ray_cluster):
+    shared = SharedIndex.start(2, name_prefix="test-dedup-wait")
+
+    async def run():
+        fp = _fp(9, 0x1234)
+        await shared.claim([("a", fp), ("b", fp)])
+        assert await shared.caption("a", timeout_s=0.2) is None  # not answered: times out
+        waiting = asyncio.create_task(shared.caption("a", timeout_s=10))
+        await asyncio.sleep(0.2)
+        await shared.answered("a", {"caption": "hello"})
+        assert await waiting == {"caption": "hello"}
+        # a fresh handle (as unpickled in a worker) knows nothing yet and still finds it
+        import pickle
+
+        other = pickle.loads(pickle.dumps(shared))
+        assert await other.caption("a", 1) == {"caption": "hello"}
+
+    try:
+        asyncio.run(run())
+    finally:
+        shared.shutdown()
