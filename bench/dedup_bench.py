@@ -1,0 +1,165 @@
+"""Dedup index figures: CPU per image of fingerprint + lookup beside the cost of preparing it,
+index memory per million images (with and without captions), shared-index claims/s from 4
+worker processes with 1 and several partitions, and how often concurrent near copies both
+become originals.
+
+    .venv/bin/python bench/dedup_bench.py [--entries 1000000] [--claims 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import random
+import time
+import tracemalloc
+
+import ray
+from PIL import Image
+
+from recaption.config import ImageConfig
+from recaption.dedup import DedupIndex, Fingerprint, SharedIndex, fingerprint
+from recaption.images import prepare
+from recaption.samples import _load_photos
+
+CAPTION = {  # about 100 words, the shape of a caption row
+    "caption": " ".join(["a woman in a white space suit holds a helmet beside a flag"] * 9),
+    "caption_short": "An astronaut in a white suit beside a flag.",
+    "objects": ["astronaut", "space suit", "flag", "helmet"],
+    "visible_text": [],
+    "style": "photograph",
+}
+
+
+def cpu_ms(fn, reps: int) -> float:
+    start = time.process_time()
+    for _ in range(reps):
+        fn()
+    return (time.process_time() - start) / reps * 1000
+
+
+def random_fp(rng: random.Random) -> Fingerprint:
+    return Fingerprint(f"{rng.getrandbits(256):064x}", rng.getrandbits(64), rng.getrandbits(64))
+
+
+def per_image(reps: int) -> None:
+    photo = _load_photos()["astronaut"]
+    photo.thumbnail((512, 512), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    auto, always = ImageConfig(), ImageConfig(reencode="always")
+    passed, decoded = prepare(data, auto), prepare(data, always)
+    assert passed.passed_through and decoded.decoded is not None
+    index, rng = DedupIndex(), random.Random(1)
+    for i in range(0, 100_000, 1000):
+        index.claim([(f"k{i + j}", random_fp(rng)) for j in range(1000)])
+    keys = iter(range(10**9))
+    rows = {
+        "prepare (reencode auto, passed through)": cpu_ms(lambda: prepare(data, auto), reps),
+        "prepare (reencode always)": cpu_ms(lambda: prepare(data, always), reps),
+        "fingerprint, passed-through JPEG": cpu_ms(lambda: fingerprint(passed), reps),
+        "fingerprint, decoded image": cpu_ms(lambda: fingerprint(decoded), reps),
+        "claim (local index of 100k)": cpu_ms(
+            lambda: index.claim([(f"q{next(keys)}", random_fp(rng))]), reps
+        ),
+    }
+    print(f"\nCPU per image, 512-px JPEG ({len(data) // 1024} KiB), index blocks={index.multi.m}")
+    for name, ms in rows.items():
+        print(f"  {name:42s} {ms:7.3f} ms")
+    hashing = rows["fingerprint, passed-through JPEG"] + rows["claim (local index of 100k)"]
+    print(f"  fingerprint+claim / 7.5 ms pipeline per image: {hashing / 7.5:.1%}")
+    print(f"  fingerprint+claim / prepare auto: {hashing / rows[next(iter(rows))]:.2f}x")
+
+
+def memory(entries: int) -> None:
+    rng = random.Random(2)
+    batches = [
+        [(f"{i + j:09d}", random_fp(rng)) for j in range(1000)] for i in range(0, entries, 1000)
+    ]
+    tracemalloc.start()
+    index = DedupIndex()
+    base = tracemalloc.get_traced_memory()[0]
+    for batch in batches:
+        index.claim(batch)
+    bare = tracemalloc.get_traced_memory()[0] - base
+    for batch in batches:
+        for key, _ in batch:
+            index.answered(key, CAPTION)
+    full = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    per_m = 1_000_000 / entries / 2**20
+    print(f"\nindex memory ({entries:,} originals, 9-char keys, tracemalloc)")
+    print(f"  without captions: {bare * per_m:7.0f} MiB per million ({bare / entries:.0f} B/entry)")
+    print(f"  with captions:    {full * per_m:7.0f} MiB per million ({full / entries:.0f} B/entry,"
+          f" caption zlib'd {index.state()['caption_bytes'] / entries:.0f} B)")  # fmt: skip
+
+
+@ray.remote(num_cpus=0)
+class Worker:
+    def __init__(self, index: SharedIndex):
+        self.index = index
+
+    def run(self, items: list, batch: int) -> tuple[float, list]:
+        async def go():
+            out = []
+            start = time.perf_counter()
+            for i in range(0, len(items), batch):
+                out += await self.index.claim(items[i : i + batch])
+            return time.perf_counter() - start, out
+
+        return asyncio.run(go())
+
+
+def shared(claims: int, partitions: list[int], batch: int = 64) -> None:
+    print(f"\nshared index, 4 worker processes, batches of {batch}")
+    rng = random.Random(3)
+    for n in partitions:
+        index = SharedIndex.start(n, name_prefix=f"bench-dedup-{n}")
+        workers = [Worker.remote(index) for _ in range(4)]
+        # each original in one worker, a 2-bit near copy of it in the next, at the same moment
+        base = [random_fp(rng) for _ in range(claims // 2)]
+        near = [Fingerprint(f"{rng.getrandbits(256):064x}", f.phash ^ 0b101, f.dhash) for f in base]
+        share = [[] for _ in range(4)]
+        for i, (a, b) in enumerate(zip(base, near, strict=True)):
+            share[i % 4].append((f"o{i}", a))
+            share[(i + 1) % 4].append((f"n{i}", b))
+        ray.get([w.run.remote([], batch) for w in workers])  # warm
+        start = time.perf_counter()
+        results = ray.get([w.run.remote(s, batch) for w, s in zip(workers, share, strict=True)])
+        wall = time.perf_counter() - start
+        kinds = {
+            key: c
+            for s, (_, out) in zip(share, results, strict=True)
+            for (key, _), c in zip(s, out, strict=True)
+        }
+        both_new = sum(
+            kinds[f"n{i}"].kind == "new" and kinds[f"o{i}"].kind == "new" for i in range(len(base))
+        )
+        print(f"  {n} partition(s): {claims / wall:8.0f} claims/s  ({claims:,} claims in {wall:.1f} s;"
+              f" near copies claimed at the same moment as their original that became originals"
+              f" too: {both_new / len(base):.2%})")  # fmt: skip
+        for w in workers:
+            ray.kill(w)
+        index.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--entries", type=int, default=200_000)
+    ap.add_argument("--claims", type=int, default=20_000)
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--partitions", default="1,4")
+    args = ap.parse_args()
+    per_image(args.reps)
+    memory(args.entries)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        shared(args.claims, [int(p) for p in args.partitions.split(",")])
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
