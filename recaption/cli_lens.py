@@ -65,7 +65,7 @@ def cmd_lens_sample(args: argparse.Namespace) -> int:
 def cmd_lens_eval(args: argparse.Namespace) -> int:
     import json
 
-    from recaption.lens.eval import detector_accuracy, evaluate_run, table
+    from recaption.lens.eval import STYLES, detector_accuracy, evaluate_run, table
     from recaption.lens.prompts import geneval_prompts, read_prompts
     from recaption.lens.run import RunDir
 
@@ -76,8 +76,10 @@ def cmd_lens_eval(args: argparse.Namespace) -> int:
     if args.n < 1 or args.steps < 1:
         raise ConfigError("--n and --steps must be at least 1")
     styles = tuple(args.styles.split(","))
-    if bad := [s for s in styles if s not in ("short", "dense")]:
-        raise ConfigError(f"unknown prompt style {bad[0]!r}: short or dense")
+    if bad := [s for s in styles if s not in STYLES]:
+        raise ConfigError(f"unknown prompt style {bad[0]!r}: {', '.join(STYLES)}")
+    if "paraphrase" in styles and not all(p.paraphrases for p in prompts):
+        raise ConfigError("the paraphrase style needs prompts with paraphrases")
     result = evaluate_run(
         args.run, prompts, args.n, args.cfg, args.steps, styles, args.device, args.cache_dir
     )
@@ -139,7 +141,11 @@ def add_lens_commands(sub: Any) -> None:
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--steps", type=int, default=20, help="Euler steps")
-    p.add_argument("--styles", default="short,dense", help="prompt styles: short, dense")
+    p.add_argument(
+        "--styles",
+        default="short,dense",
+        help="prompt styles: short, upsampled (short through the upsampler), dense, paraphrase",
+    )
     p.add_argument("--json", help="write the result to this file")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", type=Path, help="text feature cache (~/.cache/recaption/text)")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 from recaption import ablation
 from recaption.fidelity import parse
@@ -10,6 +13,7 @@ from recaption.lens.detect import Detection, Found
 from recaption.lens.eval import detector_accuracy, passes
 from recaption.lens.prompts import CATEGORIES, Prompt, Want, geneval_prompts, read_prompts
 from recaption.scenes import HELD_OUT
+from tests.test_lens_prompts import shares_a_frame
 
 
 def test_prompts_cover_the_categories_with_held_out_pairs():
@@ -60,17 +64,37 @@ def test_scoring_follows_geneval_rules():
 
 
 def test_a_smoke_ablation_writes_the_report(ray_cluster, tmp_path):
+    """`make ablation` in CI: every stage, every arm, two seeds of dense and alt, four styles."""
     tiny = ["model.width=32", "model.depth=1", "model.heads=2", "batch_size=8"]
     tiny += ["text.max_tokens=16", "warmup_steps=1"]
-    argv = ["--out", str(tmp_path), "--scenes", "40", "--steps", "2", "--n", "1", "--euler", "2"]
+    argv = ["--out", str(tmp_path), "--scenes", "40", "--steps", "2", "--n", "3", "--euler", "2"]
     for item in tiny:
         argv += ["--set", item]
     assert ablation.main(argv) == 0
     report = (tmp_path / "report.md").read_text()
     for arm in ablation.ARMS:
         assert f"| {arm} |" in report
-        assert (tmp_path / arm / "eval.json").exists()
-    assert "GenEval-style prompts" in report and "dense-caption style" in report
+        seeds = 2 if arm in ("dense", "alt") else 1
+        assert len(list((tmp_path / arm).glob("seed*/eval.json"))) == seeds
+    for title in ablation.STYLE_TITLES.values():
+        assert f"## {title}" in report
+    assert "prompt-blind" in report and "python -m recaption.ablation --out" in report
+    record = json.loads((tmp_path / "results.json").read_text())
+    dense = record["summary"]["paraphrase"]["dense"]
+    assert dense["seeds"] == 2 and len(dense["per_seed"]) == 2
+    assert dense["min"] <= dense["overall"] <= dense["max"]
+    assert record["results"]["dense"]["1"]["samples_per_prompt"] == 3
     assert (tmp_path / "accuracy.png").stat().st_size and (tmp_path / "loss.png").stat().st_size
+    # the paraphrases share no five-word run with what the analyzer wrote for the corpus
+    captions = []
+    for path in (tmp_path / "corpus" / "data").glob("*.parquet"):
+        table = pq.read_table(path, columns=["caption", "caption_short", "alt_text"])
+        captions += [c for col in table.columns for c in col.to_pylist() if c]
+    assert len(captions) >= 80
+    for p in geneval_prompts():
+        for text in p.paraphrases:
+            assert not shares_a_frame(text, captions), text
     # a second run resumes every stage instead of redoing it
+    before = (tmp_path / "dense" / "seed0" / "eval.json").stat().st_mtime_ns
     assert ablation.main(argv) == 0
+    assert (tmp_path / "dense" / "seed0" / "eval.json").stat().st_mtime_ns == before

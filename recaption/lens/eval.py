@@ -12,6 +12,7 @@ import io
 import random
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,10 @@ from recaption.lens.data import decode
 from recaption.lens.detect import Detection, Found, detect
 from recaption.lens.prompts import CATEGORIES, Prompt, Want, layout
 from recaption.scenes import SCENES, Scene, Shape, random_scene, render
+
+if TYPE_CHECKING:  # torch stays out of the import of the scoring side
+    from recaption.lens.model import MMDiT
+    from recaption.lens.text import TextEncoder
 
 
 def _fits(want: Want, found: Found) -> bool:
@@ -79,6 +84,18 @@ def detector_accuracy(prompts: list[Prompt], image_size: int, scenes: int = 1000
     }
 
 
+def blind_accuracy(prompts: list[Prompt], image_size: int, n: int, seed: int = 0) -> dict:
+    """What a model that ignores the prompt would score: n random scenes of the training
+    distribution per prompt, as the trainer sees them, scored like generated images. The
+    floor a prompt-following claim has to clear."""
+    rng = random.Random(seed)
+    images = [
+        np.stack([_as_trained(random_scene(rng, SCENES), image_size) for _ in range(n)])
+        for _ in prompts
+    ]
+    return score(prompts, {"blind": images})["blind"]
+
+
 def score(prompts: list[Prompt], images: dict[str, list[np.ndarray]]) -> dict:
     """images: style -> per prompt, uint8 [N, H, W, 3]. Accuracy per category and overall."""
     out = {}
@@ -94,6 +111,22 @@ def score(prompts: list[Prompt], images: dict[str, list[np.ndarray]]) -> dict:
     return out
 
 
+STYLES = ("short", "upsampled", "dense", "paraphrase")
+
+
+def style_texts(prompt: Prompt, style: str) -> list[str]:
+    """The wordings a style asks for: one, or the paraphrases (images split among them)."""
+    from recaption.lens.upsample import upsample
+
+    if style == "paraphrase":
+        return prompt.paraphrases
+    if style == "upsampled":  # the short prompt through the named upsampler step
+        return [upsample(prompt.short)]
+    if style in ("short", "dense"):
+        return [prompt.text(style)]
+    raise ValueError(f"unknown prompt style {style!r}; choose from {', '.join(STYLES)}")
+
+
 def evaluate_run(
     run: str | Path,
     prompts: list[Prompt],
@@ -104,19 +137,55 @@ def evaluate_run(
     device: str = "auto",
     cache_dir: Path | None = None,
 ) -> dict:
-    from recaption.lens.sample import generate, load_run
+    from recaption.lens.sample import load_run
 
     loaded = load_run(run, device, cache_dir)
-    images = {}
-    for style in styles:
-        texts = [p.text(style) for p in prompts]
-        grid = generate(loaded.model, loaded.encoder, texts, n, cfg_scale, steps)
-        images[style] = [grid[i * n : (i + 1) * n] for i in range(len(prompts))]
+    images = generate_styles(loaded.model, loaded.encoder, prompts, n, cfg_scale, steps, styles)
     result = score(prompts, images)
     result["run"] = str(run)
     result["step"] = loaded.step
     result["samples_per_prompt"] = n
     return result
+
+
+def generate_styles(
+    model: MMDiT,
+    encoder: TextEncoder,
+    prompts: list[Prompt],
+    n: int,
+    cfg_scale: float,
+    steps: int,
+    styles: tuple[str, ...],
+) -> dict[str, list[np.ndarray]]:
+    """style -> per prompt, uint8 [n, H, W, 3]. A style with several wordings splits the n
+    images among them (wording j gets its own noise seed j). A text asked for again (the
+    upsampler writes exactly the dense wording) reuses its images: same text, same seed,
+    same images, drawn once."""
+    from recaption.lens.sample import generate
+
+    # style -> per prompt, the draws it needs: (text, images, noise seed)
+    plans: dict[str, list[list[tuple[str, int, int]]]] = {}
+    for style in styles:
+        plans[style] = []
+        for p in prompts:
+            texts = style_texts(p, style)
+            counts = [n // len(texts) + (j < n % len(texts)) for j in range(len(texts))]
+            draws = [(t, c, j) for j, (t, c) in enumerate(zip(texts, counts, strict=True))]
+            plans[style].append([d for d in draws if d[1]])
+    batches: dict[tuple[int, int], set[str]] = {}  # (images, seed) -> texts, one call each
+    for plan in plans.values():
+        for text, count, seed in (d for draws in plan for d in draws):
+            batches.setdefault((count, seed), set()).add(text)
+    drawn: dict[tuple[str, int, int], np.ndarray] = {}
+    for (count, seed), texts in sorted(batches.items()):
+        ordered = sorted(texts)
+        grid = generate(model, encoder, ordered, count, cfg_scale, steps, seed=seed)
+        for i, text in enumerate(ordered):
+            drawn[(text, count, seed)] = grid[i * count : (i + 1) * count]
+    return {
+        style: [np.concatenate([drawn[d] for d in draws]) for draws in plan]
+        for style, plan in plans.items()
+    }
 
 
 def table(results: dict[str, dict], style: str) -> str:

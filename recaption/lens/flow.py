@@ -19,16 +19,30 @@ def logit_normal(n: int, generator: torch.Generator, device: torch.device) -> to
     return torch.sigmoid(torch.randn(n, generator=generator)).to(device)
 
 
+def uniform(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, generator=generator).to(device)
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's resolution shift: shift > 1 moves training towards the noisy end of the path."""
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
+
+TIMESTEPS = {"logit_normal": logit_normal, "uniform": uniform}
+
+
 def flow_loss(
     model: torch.nn.Module,
     x0: torch.Tensor,
     text: torch.Tensor,
     mask: torch.Tensor,
     generator: torch.Generator,
+    timesteps: str = "logit_normal",
+    shift: float = 1.0,
 ) -> torch.Tensor:
     """Mean squared error of the predicted velocity. Noise comes from `generator` (on the
     CPU, so that a resumed run draws exactly what an uninterrupted one would)."""
-    t = logit_normal(x0.shape[0], generator, x0.device)
+    t = shift_timesteps(TIMESTEPS[timesteps](x0.shape[0], generator, x0.device), shift)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     tb = t.view(-1, 1, 1, 1)
     xt = (1 - tb) * x0 + tb * noise

@@ -96,8 +96,28 @@ class JointBlock(nn.Module):
         return self.text.finish(txt, out[:, :n], t_mod), self.image.finish(img, out[:, n:], i_mod)
 
 
+class TextNorm(nn.Module):
+    """Normalise the concatenated encoder layers before they enter the model.
+
+    One LayerNorm per encoder layer, so each layer arrives at unit scale whatever its raw
+    scale (MiniLM's last layer is ~2.5x smaller than its middle ones), as Lens and SD3
+    normalise text features. `text_norm: joint` instead uses one LayerNorm over the whole
+    concatenation (the original model)."""
+
+    def __init__(self, text_dim: int, layers: int):
+        super().__init__()
+        if text_dim % layers:
+            raise ValueError(f"text_dim {text_dim} does not split into {layers} layers")
+        self.layers = layers
+        self.norm = nn.LayerNorm(text_dim // layers)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        parts = text.unflatten(-1, (self.layers, -1))
+        return self.norm(parts).flatten(-2)
+
+
 class MMDiT(nn.Module):
-    def __init__(self, cfg: ModelConfig, text_dim: int, channels: int = 3):
+    def __init__(self, cfg: ModelConfig, text_dim: int, channels: int = 3, text_layers: int = 1):
         super().__init__()
         self.cfg = cfg
         self.channels = channels
@@ -105,7 +125,11 @@ class MMDiT(nn.Module):
         self.grid = cfg.image_size // p
         self.patch_in = nn.Linear(channels * p * p, w)
         self.register_buffer("pos", position_embedding_2d(self.grid, w)[None], persistent=False)
-        self.text_in = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, w))
+        # joint keeps the original layout (text_in.0 a LayerNorm), so old runs still load
+        norm = (
+            nn.LayerNorm(text_dim) if cfg.text_norm == "joint" else TextNorm(text_dim, text_layers)
+        )
+        self.text_in = nn.Sequential(norm, nn.Linear(text_dim, w))
         self.time_mlp = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
         self.pooled_mlp = nn.Sequential(nn.Linear(text_dim, w), nn.SiLU(), nn.Linear(w, w))
         self.blocks = nn.ModuleList(
@@ -125,7 +149,11 @@ class MMDiT(nn.Module):
         Returns the predicted velocity, shaped like x."""
         b = x.shape[0]
         img = self.patch_in(self.patchify(x)) + self.pos
-        txt = self.text_in(text)
+        if self.cfg.text_norm == "joint":
+            txt = self.text_in(text)  # the pooled vector below sees raw features
+        else:
+            text = self.text_in[0](text)  # the pooled vector sees normalised features too
+            txt = self.text_in[1](text)
         m = mask.to(text.dtype).unsqueeze(-1)
         pooled = (text * m).sum(1) / m.sum(1).clamp(min=1)
         c = self.time_mlp(timestep_embedding(t, 256).to(x.dtype)) + self.pooled_mlp(pooled)

@@ -1,8 +1,10 @@
 """Held-out prompts for `recaption lens eval`, GenEval's six categories on the scene world.
 
-Every prompt carries what an image must show to pass, and comes in two styles: GenEval's
-short style ("a photo of a red triangle") and the same prompt rewritten by a fixed template
-into the analyzer's dense-caption style, as DALL-E 3 and Lens upsample prompts at inference.
+Every prompt carries what an image must show to pass, and comes in three styles: GenEval's
+short style ("a photo of a red triangle"), the same prompt rewritten by a fixed template
+into the analyzer's dense-caption style (what the upsampler in `upsample.py` writes, as
+DALL-E 3 and Lens upsample prompts at inference), and three paraphrases that share no
+template with the analyzer (`paraphrase.py`).
 Colours go with kinds only in pairs that `recaption scenes` never draws (`HELD_OUT`), so a
 model passes them only by composing a colour and a kind it saw apart.
 """
@@ -15,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from recaption.grid import PLACES
+from recaption.lens import paraphrase as para
 from recaption.scenes import HELD_OUT, KINDS
 
 _FILL_COLORS = ("red", "blue", "green", "orange", "purple", "yellow")
@@ -39,6 +42,8 @@ class Prompt:
     wants: list[Want]
     exact_count: int | None = None  # counting: exactly this many of the kind
     tags: dict = field(default_factory=dict)
+    # wordings that share no template with the analyzer's captions (`paraphrase.py`)
+    paraphrases: list[str] = field(default_factory=list)
 
     def text(self, style: str) -> str:
         return self.dense if style == "dense" else self.short
@@ -77,30 +82,31 @@ def dense(wants: list[Want]) -> str:
 def geneval_prompts() -> list[Prompt]:
     pairs = sorted(HELD_OUT)
     out = []
+
+    def add(category: str, short: str, wants: list[Want], paraphrases: list[str], **kw) -> None:
+        out.append(Prompt(category, short, dense(wants), wants, paraphrases=paraphrases, **kw))
+
     for kind in KINDS:
-        wants = [Want(kind)]
-        out.append(Prompt("single_object", f"a photo of {_a(kind)}", dense(wants), wants))
+        add("single_object", f"a photo of {_a(kind)}", [Want(kind)], para.single_object(kind))
     for k1, k2 in itertools.combinations(KINDS, 2):
+        # the dense layout puts the first object on the left: the paraphrase says so too
         wants = [Want(k1), Want(k2)]
-        short = f"a photo of {_a(k1)} and {_a(k2)}"
-        out.append(Prompt("two_object", short, dense(wants), wants))
+        add("two_object", f"a photo of {_a(k1)} and {_a(k2)}", wants, para.two_object(k1, k2))
     for kind, n in itertools.product(KINDS, (2, 3)):
-        wants = [Want(kind)] * n
         short = f"a photo of {NUMBERS[n]} {kind}s"
-        out.append(Prompt("counting", short, dense(wants), wants, exact_count=n))
+        add("counting", short, [Want(kind)] * n, para.counting(kind, n), exact_count=n)
     for color, kind in pairs:
-        wants = [Want(kind, color)]
-        out.append(Prompt("colors", f"a photo of {_a(f'{color} {kind}')}", dense(wants), wants))
+        short = f"a photo of {_a(f'{color} {kind}')}"
+        add("colors", short, [Want(kind, color)], para.colors(color, kind))
     for (color, kind), cell in zip(
         pairs, ("top left", "bottom right", "top", "right", "bottom left", "left"), strict=True
     ):
-        wants = [Want(kind, color, cell)]
         short = f"a photo of {_a(f'{color} {kind}')} {PLACES[cell]}"
-        out.append(Prompt("position", short, dense(wants), wants))
+        add("position", short, [Want(kind, color, cell)], para.position(color, kind, cell))
     for (c1, k1), (c2, k2) in zip(pairs, pairs[1:] + pairs[:1], strict=True):
-        wants = [Want(k1, c1), Want(k2, c2)]
         short = f"a photo of {_a(f'{c1} {k1}')} and {_a(f'{c2} {k2}')}"
-        out.append(Prompt("color_attr", short, dense(wants), wants))
+        wants = [Want(k1, c1), Want(k2, c2)]
+        add("color_attr", short, wants, para.color_attr((c1, k1), (c2, k2)))
     return out
 
 
@@ -117,3 +123,11 @@ def read_prompts(path: Path) -> list[Prompt]:
             record["wants"] = [Want(**w) for w in record["wants"]]
             prompts.append(Prompt(**record))
     return prompts
+
+
+if __name__ == "__main__":  # python -m recaption.lens.prompts eval/prompts.jsonl
+    import sys
+
+    write_prompts(
+        Path(sys.argv[1] if len(sys.argv) > 1 else "eval/prompts.jsonl"), geneval_prompts()
+    )

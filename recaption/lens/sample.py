@@ -80,7 +80,7 @@ def load_run(path: str | Path, device: str = "auto", cache_dir: Path | None = No
         raise ConfigError(f"{run.path} has no checkpoint yet")
     dev = pick_device(device)
     encoder = TextEncoder(cfg.text, cache_dir, dev)
-    model = MMDiT(cfg.model, encoder.dim).to(dev)
+    model = MMDiT(cfg.model, encoder.dim, text_layers=len(cfg.text.layers)).to(dev)
     state = torch.load(checkpoint, map_location=dev, weights_only=True)
     model.load_state_dict(state["ema"])
     return LoadedRun(cfg, model.eval(), encoder, state["step"])

@@ -90,7 +90,7 @@ def train(
     torch.manual_seed(cfg.seed)
     stream = CorpusStream(corpus, cfg.data, cfg.model.image_size, seed=cfg.seed)
     encoder = TextEncoder(cfg.text, cache_dir, device)
-    model = MMDiT(cfg.model, encoder.dim).to(device)
+    model = MMDiT(cfg.model, encoder.dim, text_layers=len(cfg.text.layers)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay
@@ -142,7 +142,9 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
-                loss = flow_loss(model, x0, text.tokens, text.mask, noise)
+                loss = flow_loss(
+                    model, x0, text.tokens, text.mask, noise, cfg.timesteps, cfg.timestep_shift
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -1,0 +1,74 @@
+"""The CPU fixes in the model and the loss: per-layer text normalisation, timestep sampling,
+the `cpu` preset, and that runs written before them still load."""
+
+from __future__ import annotations
+
+import torch
+
+from recaption.lens.config import load_lens_config
+from recaption.lens.flow import TIMESTEPS, flow_loss, shift_timesteps
+from recaption.lens.model import MMDiT, TextNorm
+
+SMALL = ["model.width=32", "model.depth=1", "model.heads=2"]
+
+
+def test_each_text_layer_arrives_at_unit_scale():
+    torch.manual_seed(0)
+    # three "layers" of 8 features at very different scales, as MiniLM's hidden states are
+    text = torch.cat([torch.randn(2, 5, 8) * s + m for s, m in ((0.2, 1), (1, 0), (6, -3))], -1)
+    out = TextNorm(24, 3)(text).unflatten(-1, (3, 8))
+    assert torch.allclose(out.mean(-1), torch.zeros(2, 5, 3), atol=1e-5)
+    assert torch.allclose(out.std(-1, unbiased=False), torch.ones(2, 5, 3), atol=1e-3)
+    # one LayerNorm over the concatenation leaves the small layer small
+    joint = torch.nn.LayerNorm(24)(text).unflatten(-1, (3, 8))
+    assert joint[..., 0, :].std() < 0.2
+
+
+def test_a_run_from_before_the_fixes_still_loads():
+    """`text_norm: joint` is the original model: same parameter names and shapes, and a
+    saved config without the new keys reads as it did."""
+    old = load_lens_config("tiny", SMALL)
+    assert old.model.text_norm == "joint" and old.timesteps == "logit_normal"
+    assert old.timestep_shift == 1.0
+    model = MMDiT(old.model, text_dim=12, text_layers=3)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["text_in.0.weight"] == (12,) and shapes["text_in.1.weight"] == (32, 12)
+    new = MMDiT(load_lens_config("cpu", SMALL).model, text_dim=12, text_layers=3)
+    assert {k for k in new.state_dict() if k.startswith("text_in")} == {
+        "text_in.0.norm.weight",
+        "text_in.0.norm.bias",
+        "text_in.1.weight",
+        "text_in.1.bias",
+    }
+
+
+def test_timestep_samplers_and_the_shift():
+    g = torch.Generator().manual_seed(0)
+    for name, sample in TIMESTEPS.items():
+        t = sample(20_000, g, torch.device("cpu"))
+        assert t.min() >= 0 and t.max() <= 1, name
+    uniform = TIMESTEPS["uniform"](20_000, g, torch.device("cpu"))
+    logit = TIMESTEPS["logit_normal"](20_000, g, torch.device("cpu"))
+    # logit-normal rarely trains the noisy end, where a 32x32 scene's layout is decided
+    assert (logit > 0.9).float().mean() < 0.03 < 0.08 < (uniform > 0.9).float().mean()
+    shifted = shift_timesteps(logit, 3.0)
+    assert shifted.mean() > logit.mean() + 0.15
+    assert torch.equal(shift_timesteps(logit, 1.0), logit)
+
+
+def test_the_loss_uses_the_configured_timesteps():
+    torch.manual_seed(0)
+    model = MMDiT(load_lens_config("cpu", SMALL).model, text_dim=12, text_layers=3)
+    for p in model.parameters():  # adaLN-Zero predicts 0 whatever t is; wake it up
+        torch.nn.init.normal_(p, std=0.05)
+    x0, text = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 5, 12)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    losses = {
+        (name, shift): flow_loss(
+            model, x0, text, mask, torch.Generator().manual_seed(1), name, shift
+        )
+        for name in TIMESTEPS
+        for shift in (1.0, 3.0)
+    }
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert len({round(v.item(), 6) for v in losses.values()}) == 4  # each draws other t
