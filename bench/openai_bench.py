@@ -12,22 +12,31 @@ latency, and reads the server's request log:
         the first second at full rate (target <= 2 s)
   cpu   the client's CPU time per request at full speed (worker processes, all threads)
   quantized  600 RPM enforced over half-second windows, as OpenAI may: quota use and 429s
+  floor client CPU per request at 6,000 RPM (4 workers, 50 ms latency, 512-px JPEGs sent
+        as they came, and 768-px ones re-encoded to 512), side by side with a bare asyncio +
+        httpx loop doing only the floor work on the same images and server (target <= 1.5x)
 
-    python bench/openai_bench.py                 # about 12 minutes
+    python bench/openai_bench.py                 # about 15 minutes
     python bench/openai_bench.py --seconds 70 --only rpm
+    python bench/openai_bench.py --only floor --floor-images 4000
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import random
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,9 +55,9 @@ TPM = 300_000
 class Server:
     """tests/openai_server.py in a subprocess, so its CPU is not the client's."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, latency_ms: float = LATENCY_MS):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.openai_server", "--latency-ms", str(LATENCY_MS), *args],
+            [sys.executable, "-m", "tests.openai_server", "--latency-ms", str(latency_ms), *args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
@@ -171,24 +180,150 @@ def storm(workdir: Path, workers: int, seconds: float) -> dict:
     }
 
 
-def quantized(workdir: Path, workers: int, seconds: float) -> dict:
-    """A server that enforces 600 RPM over half-second windows (5 requests a bucket)."""
-    server = Server("--rpm", str(RPM), "--burst-s", "0.5")
+def quantized(workdir: Path, workers: int, seconds: float, rpm: int = RPM) -> dict:
+    """A server that enforces `rpm` over half-second windows, as OpenAI may; the client is
+    told the per-minute quota only and learns the window from the 429s."""
+    server = Server("--rpm", str(rpm), "--burst-s", "0.5")
     try:
-        shards = shards_for(int(seconds * RPM / 60), workdir)
-        run(pipeline(server, shards, workdir / "corpus-q", workers, f"limits.rpm={RPM}"), False)
+        shards = shards_for(int(seconds * rpm / 60), workdir)
+        corpus = workdir / f"corpus-q-{rpm}"
+        run(pipeline(server, shards, corpus, workers, f"limits.rpm={rpm}"), False)
         stats = server.stats()
     finally:
         server.stop()
-    return quota_use(stats["events"], RPM / 60, tokens=False, skip_s=5)
+    return quota_use(stats["events"], rpm / 60, tokens=False, skip_s=5) | {"rpm": rpm}
+
+
+# --- the floor: client CPU per request, against a bare loop -----------------------------------
+
+FLOOR_RPM = 6000
+
+
+def sized_shards(out: Path, images: int, side: int) -> Path:
+    """Shards of photographs and scenes, every image `side` px on its longest side."""
+    from recaption.samples import WebImage, _load_photos, _photo_variant, write_shard
+    from recaption.scenes import random_scene, render
+
+    if out.exists():
+        return out
+    out.mkdir(parents=True)
+    photos, rng = _load_photos(), random.Random(3)
+    names = sorted(photos)
+    for shard in range(-(-images // 500)):
+        items = []
+        for _ in range(min(500, images - shard * 500)):
+            if rng.random() < 0.5:
+                im = _photo_variant(photos[rng.choice(names)], rng)
+            else:
+                im = render(random_scene(rng))
+            ratio = side / max(im.size)
+            im = im.resize((max(1, round(im.width * ratio)), max(1, round(im.height * ratio))))
+            items.append(WebImage(f"https://example.com/{rng.getrandbits(40):x}.jpg", "x", im))
+        write_shard(out, shard, items)
+    return out
+
+
+class TreeCPU:
+    """CPU seconds of this process and its descendants (Ray's raylet, GCS and workers),
+    the server's excepted. Polled, since a process's time is gone once it exits."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude, self.seen, self.stop = exclude, {}, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            if proc.pid in self.exclude:
+                continue
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                self.seen[(proc.pid, proc.create_time())] = t.user + t.system
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.25):
+            self._sample()
+
+    def __enter__(self) -> TreeCPU:
+        self._sample()
+        self.start = dict(self.seen)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._sample()
+        self.cpu_s = sum(v - self.start.get(k, 0.0) for k, v in self.seen.items())
+
+
+def recaption_cpu(server: Server, shards: Path, corpus: Path, limit: int | None) -> dict:
+    cfg = pipeline(
+        server, shards, corpus, 4, f"limits.rpm={FLOOR_RPM}", "captioner.image.max_side=512"
+    )
+    if limit is not None:
+        cfg.input.limit = limit
+    with TreeCPU({server.proc.pid}) as cpu:
+        t0 = time.perf_counter()
+        summary = run(cfg, False)
+        wall = time.perf_counter() - t0
+    requests = sum(w["requests"] for w in summary.workers)
+    timings: Counter[str] = Counter()
+    for report in summary.finished:
+        timings.update(report.timings)
+    return {"cpu_s": cpu.cpu_s, "requests": requests, "wall_s": wall, "timings": timings}
+
+
+def floor(workdir: Path, images: int) -> dict:
+    """recaption and the bare loop on the same images and server; startup subtracted."""
+    results = {}
+    for case, side in (("pass-through", 512), ("re-encode", 768)):
+        shards = sized_shards(workdir / f"floor-{side}", images, side)
+        server = Server("--rpm", str(FLOOR_RPM), latency_ms=50)
+        try:
+            small = recaption_cpu(server, shards, workdir / f"floor-small-{side}", 5)
+            big = recaption_cpu(server, shards, workdir / f"floor-big-{side}", None)
+            bare = subprocess.run(
+                [sys.executable, str(ROOT / "bench/bare_client.py"), server.url, str(shards),
+                 "--rpm", str(FLOOR_RPM), *(["--resize", "512"] if side > 512 else [])],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            stats = server.stats()
+        finally:
+            server.stop()
+        bare_figures = json.loads(bare.stdout)
+        n = big["requests"] - small["requests"]
+        ours = 1000 * (big["cpu_s"] - small["cpu_s"]) / n
+        events = stats["events"]
+        steps = {  # the per-request budget, as the shard pass times it (worker wall time)
+            k.removesuffix("_s"): round(1000 * v / max(1, big["requests"]), 3)
+            for k, v in sorted(big["timings"].items())
+            if k in ("read_s", "prepare_s", "write_s", "validate_s")
+        }
+        results[case] = {
+            "recaption_cpu_ms": ours,
+            "bare_cpu_ms": bare_figures["cpu_ms_per_request"],
+            "ratio": ours / bare_figures["cpu_ms_per_request"],
+            "rpm_reached": 60 * big["requests"] / big["wall_s"],
+            "share_429": sum(e["status"] == 429 for e in events) / len(events),
+            "per_request_ms": steps,
+        }
+        print(case, results[case], flush=True)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=130, help="length of each steady run")
-    parser.add_argument("--only", choices=["rpm", "tpm", "storm", "quantized"], action="append")
+    parser.add_argument(
+        "--only", choices=["rpm", "tpm", "storm", "quantized", "floor"], action="append"
+    )
+    parser.add_argument("--floor-images", type=int, default=6000)
+    parser.add_argument(
+        "--quantized-rpm", type=int, default=3000, help="the highest RPM this machine sustains"
+    )
     args = parser.parse_args()
-    todo = args.only or ["rpm", "tpm", "storm", "quantized"]
+    todo = args.only or ["rpm", "tpm", "storm", "quantized", "floor"]
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,6 +339,11 @@ def main() -> None:
             results["storm, 4 workers"] = storm(workdir, 4, 40)
         if "quantized" in todo:
             results["rpm per 0.5 s, 4 workers"] = quantized(workdir, 4, 40)
+            rpm = args.quantized_rpm
+            results[f"{rpm} rpm per 0.5 s, 4 workers"] = quantized(workdir, 4, 40, rpm)
+        if "floor" in todo:
+            for case, figures in floor(workdir, args.floor_images).items():
+                results[f"floor, {case}"] = figures
     ray.shutdown()
     print()
     for name, figures in results.items():

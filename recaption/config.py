@@ -70,6 +70,9 @@ class ImageConfig(Strict):
     max_bytes: int = Field(
         1_500_000, ge=1, description="inputs larger than this are re-encoded, whatever else"
     )
+    # threads per worker that read and prepare images (Pillow releases the GIL while it
+    # decodes, resizes and encodes), beside the event loop that sends requests
+    threads: int = Field(2, ge=1, le=64)
     # openai: the vision `detail` sent with the image; "low" is 85 tokens at any size
     detail: Literal["low", "high", "auto"] = "high"
 
@@ -87,7 +90,7 @@ class EndpointConfig(Strict):
     tpm: int | None = Field(None, ge=1)
     # a self-hosted server (vLLM, SGLang): requests in flight to it from each worker, so its
     # batch stays full without queueing; None: no cap beyond limits.concurrency
-    max_in_flight: int | None = Field(None, ge=1)
+    max_in_flight: int | None = Field(None, ge=1)  # requests in flight, all workers together
 
 
 class PriceConfig(Strict):
@@ -162,6 +165,9 @@ class LimitsConfig(Strict):
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
     concurrency: int = Field(8, ge=1, description="requests in flight per worker")
+    # the most quota sent at once, in seconds of it: a server may enforce a per-minute quota
+    # over windows this short. None: learnt, from 0.25 s down to 0.05 s as 429s say
+    burst_s: float | None = Field(None, ge=0.01, le=60)
     # the most the corpus may cost, in US dollars (committed shards, journaled answers and
     # this run's requests); at the cap the run stops admitting paid requests and exits with
     # status 3, every shard committed or resumable. None: no cap

@@ -1,11 +1,16 @@
 """Rate limits: one limiter per endpoint for the whole run, leased from by every worker.
 
-Hosted models meter requests and tokens per minute per key (or Azure deployment). The
-limiter keeps a token bucket for each, holding at most `burst_s` seconds of quota, so the
-client never sends faster than the quota however the server quantises it; its average
-rate is exactly the quota, which is all of it.
+Hosted models meter requests and tokens per minute per key (or Azure deployment), and may
+enforce a per-minute quota over windows of a second or less. The limiter keeps a token
+bucket for each, holding at most `burst_s` seconds of quota, so the client never sends
+faster than the quota over any window longer than that; its average rate is exactly the
+quota, which is all of it. `burst_s` left open starts at 0.25 s and halves (to 0.05 s) at
+each 429 the buckets did not foresee: the server's window is shorter than ours.
 
-    EndpointLimiter   the buckets, the pause, what the headers say (pure logic, any clock)
+A self-hosted server (vLLM) has no quota but a capacity: `max_in_flight` is held here too,
+for all workers together, so that adding workers never overloads it.
+
+    EndpointLimiter   the buckets, the slots, the pause, what the headers say (pure logic)
     LimiterActor      the same on Ray: a named actor all workers of a run share
     Quota             a worker's handle: leases permits in small batches, off the hot path
 
@@ -13,13 +18,16 @@ A request reserves its estimated tokens (prompt + image tokens + max output, whi
 OpenAI and Azure count TPM) and `settle`s the difference once `usage` is known. Responses'
 `x-ratelimit-*` headers only ever lower the buckets (another client shares the key), or
 set the quota when the config leaves it open. A 429 pauses the endpoint for everyone for
-its `retry-after`.
+its `retry-after`. A worker sends the headers it reads at most every `REPORT_S` (one
+reading is the server's whole count) and its token refunds with its next lease, so that a
+request costs no limiter call of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,25 +38,45 @@ from recaption.errors import BudgetSpent
 
 LEASE_S = 0.1  # a lease holds at most this much of the quota, so a pause reaches all at once
 LEASE_TTL_S = 0.5  # permits unused this long go back: a worker does not sit on quota
+REPORT_S = 0.1  # a worker's header readings reach the limiter this often
+# The burst a bucket holds until a 429 says the server's window is shorter. A saturated
+# pipeline always has requests waiting, so a short burst costs it no quota; it only stops
+# a lull's savings going out at once into a server that counts per fraction of a second.
+BURST_S = 0.25
+MIN_BURST_S = 0.05
+SLOT_WAIT_S = 0.02  # every slot taken: ask again after this long
+
+
+@dataclass(frozen=True)
+class EndpointLimits:
+    """What one endpoint allows, for all workers of a run together."""
+
+    rpm: int | None = None  # None: learnt from x-ratelimit-limit-requests, if it sends one
+    tpm: int | None = None
+    burst_s: float | None = None  # None: learnt (from BURST_S, halved by unforeseen 429s)
+    max_in_flight: int | None = None  # requests in flight at once (a self-hosted server)
+    request_s: float = 600.0  # no request outlives this: a slot held longer was a dead worker's
 
 
 class TokenBucket:
     """`rate` units per second, at most `capacity` saved up. A take larger than the capacity
     goes through once the bucket is full and leaves it in debt, so the average rate holds."""
 
-    def __init__(self, per_minute: float, burst_s: float, now: float):
+    def __init__(self, per_minute: float, burst_s: float):
         self.burst_s = burst_s
         self.set_rate(per_minute)
-        # Start empty: the rate from the first request on, and no opening burst for a server
-        # that enforces its quota over sub-second windows to refuse.
+        # Start empty at the first request (workers start seconds after the limiter): the
+        # rate from then on, and no opening burst for a sub-second window to refuse.
         self.level = 0.0
-        self.updated = now
+        self.updated: float | None = None
 
     def set_rate(self, per_minute: float) -> None:
         self.rate = per_minute / 60
         self.capacity = max(1.0, self.rate * self.burst_s)
 
     def refill(self, now: float) -> None:
+        if self.updated is None:
+            self.updated = now
         if now <= self.updated:  # a pause set `updated` ahead: nothing accrues until then
             return
         self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
@@ -67,23 +95,28 @@ class Grant:
     wait_s: float  # when permits == 0: ask again after this long (the pause, if paused)
     mark: int  # requests granted in the run up to and including this grant
     token_mark: int
-    free: float = 1.0  # share of the burst left after this grant, for picking endpoints
+    free: float = 1.0  # share of the burst (or slots) left after this grant, to pick endpoints
 
 
 class EndpointLimiter:
     def __init__(
         self,
-        rpm: int | None,
-        tpm: int | None,
-        burst_s: float = 1.0,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        burst_s: float | None = None,
+        max_in_flight: int | None = None,
+        request_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.clock = clock
-        now = clock()
-        self.burst_s = burst_s
-        self.requests = TokenBucket(rpm, burst_s, now) if rpm else None
-        self.tokens = TokenBucket(tpm, burst_s, now) if tpm else None
+        self.learn_burst = burst_s is None
+        self.burst_s = BURST_S if burst_s is None else burst_s
+        self.requests = TokenBucket(rpm, self.burst_s) if rpm else None
+        self.tokens = TokenBucket(tpm, self.burst_s) if tpm else None
         self.learn = {"requests": rpm is None, "tokens": tpm is None}
+        self.max_in_flight, self.request_s = max_in_flight, request_s
+        self.slots: deque[list[float]] = deque()  # [granted at, requests] still in flight
+        self.in_flight = 0
         self.paused_until = 0.0
         self.granted = 0  # running totals, to reconcile with the server's remaining counts
         self.granted_tokens = 0
@@ -94,15 +127,27 @@ class EndpointLimiter:
             if bucket:
                 bucket.refill(now)
 
-    def lease(self, want: int, tokens_each: int) -> Grant:
+    def _free_slots(self, now: float) -> float:
+        if self.max_in_flight is None:
+            return float("inf")
+        while self.slots and self.slots[0][0] < now - self.request_s:  # a worker died with them
+            self.in_flight -= self.slots.popleft()[1]
+        return self.max_in_flight - self.in_flight
+
+    def lease(self, want: int, tokens_each: int, refund: int = 0) -> Grant:
+        """Up to `want` permits of `tokens_each` tokens; `refund`: tokens the caller's
+        earlier requests did not use (or, negative, used beyond what they reserved)."""
         now = self.clock()
+        if refund:
+            self.settle(refund)
         self._refill(now)
         if now < self.paused_until:
             wait = self.paused_until - now
             return Grant(0, tokens_each, wait, self.granted, self.granted_tokens, 0.0)
         cap = max(1, int(self.requests.rate * LEASE_S)) if self.requests else want
+        cap = int(min(want, cap, self._free_slots(now)))
         permits = 0
-        while permits < min(want, cap):
+        while permits < cap:
             if self.requests and self.requests.wait(1) > 0:
                 break
             if self.tokens and self.tokens.wait(tokens_each) > 0:
@@ -114,15 +159,31 @@ class EndpointLimiter:
             permits += 1
         self.granted += permits
         self.granted_tokens += permits * tokens_each
+        if permits and self.max_in_flight is not None:
+            self.in_flight += permits
+            self.slots.append([now, permits])
         wait = 0.0
         if not permits:
             wait = max(
                 self.requests.wait(1) if self.requests else 0.0,
                 self.tokens.wait(tokens_each) if self.tokens else 0.0,
+                SLOT_WAIT_S if self._free_slots(now) <= 0 else 0.0,
             )
-        buckets = [b for b in (self.requests, self.tokens) if b]
-        free = min((max(0.0, b.level) / b.capacity for b in buckets), default=1.0)
+        shares = [max(0.0, b.level) / b.capacity for b in (self.requests, self.tokens) if b]
+        if self.max_in_flight is not None:
+            shares.append(max(0.0, self._free_slots(now)) / self.max_in_flight)
+        free = min(shares, default=1.0)
         return Grant(permits, tokens_each, wait, self.granted, self.granted_tokens, free)
+
+    def release(self, requests: int) -> None:
+        """`requests` granted earlier are answered (or were never sent): their slots are free."""
+        self.in_flight = max(0, self.in_flight - requests)
+        while requests and self.slots:  # the oldest grants first: they would expire first
+            taken = min(requests, int(self.slots[0][1]))
+            self.slots[0][1] -= taken
+            requests -= taken
+            if not self.slots[0][1]:
+                self.slots.popleft()
 
     def settle(self, tokens: int) -> None:
         """Give back (positive) or charge (negative) tokens once the real count is known."""
@@ -131,9 +192,17 @@ class EndpointLimiter:
             self.tokens.level = min(self.tokens.capacity, self.tokens.level + tokens)
 
     def pause(self, seconds: float) -> None:
-        """A 429: nobody sends to this endpoint for `seconds`; the buckets start empty after."""
+        """A 429: nobody sends to this endpoint for `seconds`; the buckets start empty after.
+        One the buckets did not foresee also says the server's window is shorter than our
+        burst: a learnt burst halves (once a pause, however many 429s it explains)."""
         now = self.clock()
         self._refill(now)
+        if now >= self.paused_until and self.learn_burst and self.burst_s > MIN_BURST_S:
+            self.burst_s = max(MIN_BURST_S, self.burst_s / 2)
+            for bucket in (self.requests, self.tokens):
+                if bucket:
+                    bucket.burst_s = self.burst_s
+                    bucket.set_rate(bucket.rate * 60)
         if now + seconds > self.paused_until:
             self.pauses += 1
             self.paused_until = now + seconds
@@ -155,7 +224,8 @@ class EndpointLimiter:
             limit = _number(headers.get(f"x-ratelimit-limit-{kind}"))
             if self.learn[kind] and limit:
                 if bucket is None:
-                    bucket = TokenBucket(limit, self.burst_s, now)
+                    bucket = TokenBucket(limit, self.burst_s)
+                    bucket.refill(now)
                     setattr(self, kind, bucket)
                 elif bucket.rate * 60 != limit:
                     bucket.set_rate(limit)
@@ -173,6 +243,8 @@ class EndpointLimiter:
             "paused_s": max(0.0, self.paused_until - now),
             "granted": self.granted,
             "pauses": self.pauses,
+            "burst_s": self.burst_s,
+            "in_flight": self.in_flight if self.max_in_flight is not None else None,
         }
 
 
@@ -223,15 +295,19 @@ class Quota(Handle):
     `try_acquire` returns a Permit, or the seconds to wait before trying again. Permits are
     leased a few at a time (as many as coroutines are waiting, at most ~0.1 s of quota) and
     expire if unused, so a pause announced by any worker stops every worker within a request.
+    `done` frees a permit's slot once its request is answered (endpoints with max_in_flight).
     """
 
-    def __init__(self, limiter: EndpointLimiter | Any):
+    def __init__(self, limiter: EndpointLimiter | Any, slots: bool = False):
         super().__init__(limiter, EndpointLimiter)
+        self.slots = slots  # the endpoint caps requests in flight: permits hold a slot
         self.pocket: list[Permit] = []
         self.pocket_expires = 0.0
         self.not_before = 0.0  # no lease before this: paused, or the limiter said to wait
         self.free = 1.0  # as of the last lease
         self.waiting = 0
+        self.refund = 0  # tokens to give back (negative: to charge), sent with the next lease
+        self.next_report = 0.0  # when the next header reading may go out
         self._lock = asyncio.Lock()
 
     async def try_acquire(self, tokens: int) -> Permit | float:
@@ -247,7 +323,9 @@ class Quota(Handle):
                 if now < self.not_before:  # the limiter said when: no need to ask again
                     return self.not_before - now
                 self._return_pocket()
-                grant: Grant = await self.call("lease", min(self.waiting, 16), tokens)
+                refund, self.refund = self.refund, 0
+                want = min(self.waiting, 16)
+                grant: Grant = await self.call("lease", want, tokens, refund)
                 self.free = grant.free
                 if not grant.permits:
                     # one lease call per wait, not one per waiting coroutine
@@ -265,21 +343,32 @@ class Quota(Handle):
 
     def _return_pocket(self) -> None:
         if self.pocket:
-            self.tell("settle", sum(p.tokens for p in self.pocket))
+            self.refund += sum(p.tokens for p in self.pocket)
+            if self.slots:
+                self.tell("release", len(self.pocket))
             self.pocket = []
 
+    def done(self, permit: Permit) -> None:
+        """The request of `permit` is answered, or failed: its slot is free for any worker."""
+        if self.slots:
+            self.tell("release", 1)
+
     def settle(self, permit: Permit, tokens_used: int) -> None:
-        if tokens_used != permit.tokens:
-            self.tell("settle", permit.tokens - tokens_used)
+        self.refund += permit.tokens - tokens_used  # goes with the next lease
 
     def observe(self, headers: Mapping[str, str], permit: Permit) -> None:
+        now = time.monotonic()
+        if now < self.next_report:
+            return  # one reading a REPORT_S is enough: each is the server's whole count
         wanted = {k: v for k, v in headers.items() if k.startswith("x-ratelimit-")}
         if wanted:
-            age = time.monotonic() - permit.granted_at
-            self.tell("observe", wanted, permit.mark, permit.token_mark, age)
+            self.tell("observe", wanted, permit.mark, permit.token_mark, now - permit.granted_at)
+            self.next_report = now + REPORT_S
 
     def pause(self, seconds: float) -> None:
         self.not_before = max(self.not_before, time.monotonic() + seconds)
+        if self.slots and self.pocket:
+            self.tell("release", len(self.pocket))
         self.pocket = []  # these were sent to nobody; the server never counted them
         self.tell("pause", seconds)
 

@@ -37,7 +37,7 @@ from recaption.limits import BudgetActor, LimiterActor, QueueActor
 from recaption.progress import Finished, ProgressStyle, RunSummary, progress_bar
 from recaption.progress import show_progress as show_progress_line
 from recaption.records import Manifest, Reason, ShardReport, Usage
-from recaption.shard import ShardPass
+from recaption.shard import ShardPass, image_pool
 from recaption.sources import Shard, input_shards
 from recaption.storage import storage_env
 
@@ -72,6 +72,7 @@ class ShardWorker:
         # loaded once, reused for every shard
         self.captioner = make_captioner(cfg, limiters, budget, queues)
         self.in_flight: asyncio.Semaphore | None = None  # made on the actor's event loop
+        self.pool = image_pool(cfg)  # prepares the images of all its shards
         self.done: Counter[str] = Counter()
         self.cpu_started = _cpu_s()
 
@@ -89,7 +90,9 @@ class ShardWorker:
         reasons again."""
         if self.in_flight is None:
             self.in_flight = asyncio.Semaphore(self.cfg.limits.concurrency)
-        shard_pass = ShardPass(shard, self.cfg, self.captioner, self._tick, self.in_flight, retry)
+        shard_pass = ShardPass(
+            shard, self.cfg, self.captioner, self._tick, self.in_flight, retry, self.pool
+        )
         return await shard_pass.run()
 
     async def progress(self) -> dict[str, float]:
@@ -305,8 +308,8 @@ def _run(
         limiters = {  # on the driver's node, which lives as long as the run
             name: LimiterActor.options(
                 name=f"recaption-limiter-{run_id}-{name}", scheduling_strategy=here
-            ).remote(rpm, tpm)
-            for name, (rpm, tpm) in backend.metered_endpoints(cfg).items()
+            ).remote(**vars(limits))
+            for name, limits in backend.metered_endpoints(cfg).items()
         }
         budget = _budget(cfg, store, committed)
         queues = {  # the Batch API's enqueued-token quota, one per endpoint, for all workers

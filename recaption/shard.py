@@ -1,6 +1,7 @@
 """The shard pass: one input shard in, its two corpus files out. The one per-sample path.
 
     samples(shard): read ─▶ prepare ─────────────── (a Rejected at any step: a rejected/ row)
+      (read and prepared in a thread pool, a few chunks ahead of the event loop)
       ─▶ the journal has its answer? replay it, no call
       ─▶ answer(): captioner.caption, or the answer `settle` gave ─▶ validate
       ─▶ write: a data/ row and a journal line
@@ -27,8 +28,9 @@ import os
 import resource
 import socket
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import pyarrow.parquet as pq
@@ -44,6 +46,13 @@ from recaption.sources import Sample, Shard, read_samples
 from recaption.validation import validate_caption
 
 _TRUNCATION = {Reason.truncated_member, Reason.missing_from_tar}
+PREPARE_CHUNK = 8  # samples a thread reads or prepares at once: a hand-off costs ~50 us
+
+
+def image_pool(cfg: PipelineConfig) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(cfg.captioner.image.threads, thread_name_prefix="prepare")
+
+
 OnSample = Callable[[Usage, bool], None]  # (what the sample cost, rejected?) as it is written
 
 
@@ -69,13 +78,61 @@ def samples(
     for which `skip` says so is passed over before its image is decoded."""
     timer = timer if timer is not None else Timer()
     stream = read_samples(shard)
-    while True:
+    while chunk := _read(stream, skip, 1, timer):
+        yield from _prepare(chunk, image, timer)
+
+
+async def prepared_samples(
+    shard: Shard,
+    image: ImageConfig,
+    pool: ThreadPoolExecutor,
+    timer: Timer,
+    skip: Callable[[str], bool] | None = None,
+    depth: int = 4,
+) -> AsyncIterator[tuple[Sample, PreparedImage | Rejected]]:
+    """`samples`, read and prepared in `pool`'s threads (Pillow and zlib release the GIL), so
+    that the event loop keeps sending requests and reading replies meanwhile and a worker
+    uses more than one core. In shard order; at most `depth` chunks ahead of the caller."""
+    loop = asyncio.get_running_loop()
+    stream = read_samples(shard)
+    ahead: deque[asyncio.Future] = deque()
+    done = False
+    while ahead or not done:
+        while not done and len(ahead) < depth:
+            # reads are sequential (one stream), each awaited before the next is asked
+            local = Timer()
+            chunk = await loop.run_in_executor(pool, _read, stream, skip, PREPARE_CHUNK, local)
+            timer.update(local)
+            if not chunk:
+                done = True
+                break
+            ahead.append(loop.run_in_executor(pool, _prepared_chunk, chunk, image))
+        if ahead:
+            chunk_out, local = await ahead.popleft()
+            timer.update(local)
+            for item in chunk_out:
+                yield item
+
+
+def _read(
+    stream: Iterator[Sample], skip: Callable[[str], bool] | None, n: int, timer: Timer
+) -> list[Sample]:
+    """Up to `n` samples of the stream that `skip` does not pass over ([] at its end)."""
+    chunk: list[Sample] = []
+    while len(chunk) < n:
         with timer("read"):
             sample = next(stream, None)
         if sample is None:
-            return
-        if skip is not None and skip(sample.key):
-            continue
+            break
+        if skip is None or not skip(sample.key):
+            chunk.append(sample)
+    return chunk
+
+
+def _prepare(
+    chunk: list[Sample], image: ImageConfig, timer: Timer
+) -> Iterator[tuple[Sample, PreparedImage | Rejected]]:
+    for sample in chunk:
         if sample.error is not None:
             yield sample, Unreadable(*sample.error)
             continue
@@ -87,6 +144,13 @@ def samples(
             finally:
                 sample.image = None  # the raw bytes are not needed past this point
         yield sample, prepared
+
+
+def _prepared_chunk(
+    chunk: list[Sample], image: ImageConfig
+) -> tuple[list[tuple[Sample, PreparedImage | Rejected]], Timer]:
+    timer = Timer()  # one per chunk: threads do not share a counter
+    return list(_prepare(chunk, image, timer)), timer
 
 
 async def answer(
@@ -125,7 +189,8 @@ async def answer(
 
 class ShardPass:
     """Caption one shard and commit its output; every sample ends in data/ or rejected/.
-    `in_flight` bounds the images being captioned; a worker shares one across its shards.
+    `in_flight` bounds the images being captioned and `pool` prepares them; a worker shares
+    both across its shards.
     `retry`: the shard is committed; recommit it, asking its rejections with these reasons
     again."""
 
@@ -137,10 +202,13 @@ class ShardPass:
         on_sample: OnSample | None = None,
         in_flight: asyncio.Semaphore | None = None,
         retry: frozenset[str] | None = None,
+        pool: ThreadPoolExecutor | None = None,
     ):
         self.shard, self.cfg, self.captioner, self.retry = shard, cfg, captioner, retry
         self.on_sample = on_sample or (lambda usage, rejected: None)
         self.in_flight = in_flight or asyncio.Semaphore(cfg.limits.concurrency)
+        self.own_pool = pool is None
+        self.pool = pool or image_pool(cfg)
         self.store = CorpusStore(cfg.output.path, cfg.output.staging)
         self.writer = ShardWriter(self.store, shard.id, cfg.output.row_group_size)
         # what an earlier, unfinished run of this shard already answered
@@ -164,7 +232,10 @@ class ShardPass:
             skip = self.carry_over() if self.retry is not None else None
             # a backend that answers whole shards does so first; the pass below writes them
             answers = await self.captioner.settle(self.job())
-            for sample, image in samples(self.shard, self.cfg.captioner.image, self.timer, skip):
+            image_cfg = self.cfg.captioner.image
+            depth = 2 * image_cfg.threads  # every thread busy, and one chunk more each
+            images = prepared_samples(self.shard, image_cfg, self.pool, self.timer, skip, depth)
+            async for sample, image in images:
                 if self.deferred:  # the spend cap: send nothing more, let the rest land
                     break
                 self.samples += 1
@@ -194,6 +265,8 @@ class ShardPass:
             raise
         finally:
             self.journal.close()  # kept until the manifest records the shard; the driver removes it
+            if self.own_pool:
+                self.pool.shutdown(wait=False)
         self.timer["total_s"] = time.perf_counter() - started
         return self.report()
 

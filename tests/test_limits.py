@@ -77,6 +77,7 @@ def test_leases_hold_a_tenth_of_a_second_of_quota_at_most():
     fast = EndpointLimiter(rpm=60_000, tpm=None, clock=clock)  # 1000 a second
     slow = EndpointLimiter(rpm=600, tpm=None, clock=clock)
     assert fast.lease(1, 1).permits == 0  # buckets start empty: no opening burst
+    assert slow.lease(1, 1).permits == 0
     clock.now += 1
     assert fast.lease(500, 1).permits == 100
     assert slow.lease(8, 1).permits == 1
@@ -84,7 +85,8 @@ def test_leases_hold_a_tenth_of_a_second_of_quota_at_most():
 
 def test_headers_lower_the_buckets_and_teach_an_open_quota():
     clock = Clock()
-    limiter = EndpointLimiter(rpm=600, tpm=None, clock=clock)
+    limiter = EndpointLimiter(rpm=600, tpm=None, burst_s=1.0, clock=clock)
+    limiter.lease(1, 100)  # the first request starts the bucket
     clock.now += 1  # a full bucket: 10
     grant = limiter.lease(1, 100)
     for _ in range(3):  # three more requests granted after the observed one
@@ -109,7 +111,8 @@ def test_a_worker_quota_leases_and_returns_unused_permits():
     async def go():
         limiter = EndpointLimiter(rpm=6000, tpm=None)  # leases of up to 10
         quota = Quota(limiter)
-        await asyncio.sleep(0.15)  # let the bucket fill a little
+        limiter.lease(1, 10)  # the first request starts the bucket
+        await asyncio.sleep(0.15)  # let it fill a little
         quota.waiting = 5  # as if five coroutines were waiting
         first = await quota.try_acquire(10)
         assert isinstance(first, Permit) and len(quota.pocket) >= 1
@@ -140,3 +143,61 @@ def test_prices_match_models_and_snapshots():
     assert price_for("Qwen/Qwen2.5-VL-7B-Instruct").cost(10**6, 10**6) == 0
     assert price_for("gpt-4.1", Price(1, 1)).cost(10**6, 0) == 1
     assert PRICES["gpt-4.1"].cost(1_000_000, 1_000_000) == pytest.approx(10.0)
+
+
+def test_slots_cap_requests_in_flight_and_a_dead_workers_slots_expire():
+    clock = Clock()
+    limiter = EndpointLimiter(max_in_flight=4, request_s=60, clock=clock)
+    assert limiter.lease(3, 1).permits == 3  # no quota: only the slots bound it
+    grant = limiter.lease(3, 1)
+    assert grant.permits == 1 and grant.free == 0.0
+    refused = limiter.lease(1, 1)
+    assert refused.permits == 0 and refused.wait_s > 0  # full: ask again soon
+    limiter.release(2)  # two answered
+    assert limiter.lease(5, 1).permits == 2
+    clock.now += 61  # the worker holding the rest died: its slots come back
+    assert limiter.lease(5, 1).permits == 4
+    assert limiter.state()["in_flight"] == 4
+
+
+def test_a_learnt_burst_halves_at_each_unforeseen_429_down_to_a_twentieth_of_a_second():
+    clock = Clock()
+    limiter = EndpointLimiter(rpm=6000, clock=clock)  # 100 a second
+    assert limiter.burst_s == 0.25 and limiter.requests.capacity == 25
+    limiter.pause(0.2)
+    limiter.pause(0.2)  # the same pause explains this one: no second halving
+    assert limiter.burst_s == 0.125 and limiter.requests.capacity == 12.5
+    for _ in range(6):
+        clock.now += 1
+        limiter.pause(0.2)
+    assert limiter.burst_s == 0.05 and limiter.requests.capacity == 5
+    fixed = EndpointLimiter(rpm=600, burst_s=0.5, clock=clock)
+    fixed.pause(0.2)
+    assert fixed.burst_s == 0.5  # set in the config: kept
+
+
+def test_a_worker_sends_refunds_with_its_next_lease_and_headers_at_most_every_report():
+    class Counting(EndpointLimiter):
+        observed = 0
+
+        def observe(self, *args) -> None:
+            self.observed += 1
+            super().observe(*args)
+
+    async def go():
+        limiter = Counting(rpm=None, tpm=6_000_000)  # 100k tokens a second
+        quota = Quota(limiter)
+        limiter.lease(1, 1)  # the first request starts the bucket
+        await asyncio.sleep(0.05)
+        permit = await quota.try_acquire(500)
+        assert isinstance(permit, Permit)
+        quota.settle(permit, 100)  # 400 unused: owed to the bucket, not a call of its own
+        for _ in range(5):  # a burst of replies: one reading reaches the limiter
+            quota.observe({"x-ratelimit-remaining-tokens": "99999"}, permit)
+        assert limiter.observed == 1 and quota.refund == 400
+        before = limiter.tokens.level
+        quota.pocket = []  # the next request leases again
+        await quota.try_acquire(1)
+        assert quota.refund == 0 and limiter.tokens.level >= before + 400 - 1 - 1e-6
+
+    asyncio.run(go())

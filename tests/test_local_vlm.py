@@ -350,3 +350,29 @@ def test_estimate_reports_image_tokens_and_speed(tiny_vlm, sample_shards, capsys
         "batch_size": 4,
     }
     assert result["images_per_s"] > 0 and result["cost_usd"] == {"online": 0.0, "batch": 0.0}
+
+
+def test_max_in_flight_holds_for_all_workers_together(ray_cluster, tmp_path):
+    """Four workers of 8 requests each put at most `max_in_flight` on one server: the cap is
+    the endpoint's, held by the run's limiter actor, not each worker's."""
+    from recaption.samples import write_samples
+
+    shards = tmp_path / "shards"
+    write_samples(shards, shards=4, per_shard=24, seed=2)
+    with OpenAIServer(latency_ms=150) as server:
+        cfg = load_config(
+            "pipelines/vllm.yaml",
+            [
+                f"input.path={shards}",
+                f"output.path={tmp_path / 'c'}",
+                f"captioner.endpoints=[{{name: one, base_url: '{server.url}', max_in_flight: 3}}]",
+                "captioner.model=gpt-4.1",
+                "limits.concurrency=8",
+                "ray.workers=4",
+                "ray.cpus_per_worker=0.5",
+            ],
+        )
+        summary = run(cfg, show_progress=False)
+    assert server.peak_in_flight == 3  # full, never over
+    assert len(summary.finished) == 4
+    assert_invariant(tmp_path / "c", expected_keys(shards))

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from recaption.config import PipelineConfig
 from recaption.errors import Rejected
 from recaption.images import PreparedImage
-from recaption.limits import Spend
+from recaption.limits import EndpointLimits, Spend
 from recaption.records import Caption, Metered, Usage
 
 
@@ -105,8 +105,8 @@ class Captioner:
         return {}
 
     @classmethod
-    def metered_endpoints(cls, cfg: PipelineConfig) -> dict[str, tuple[int | None, int | None]]:
-        """Endpoint name -> (rpm, tpm), for the run's shared limiters."""
+    def metered_endpoints(cls, cfg: PipelineConfig) -> dict[str, EndpointLimits]:
+        """Endpoint name -> its quota and capacity, for the run's shared limiters."""
         return {}
 
     @classmethod

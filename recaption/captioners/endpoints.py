@@ -3,7 +3,8 @@ healthy endpoint with free quota for each attempt.
 
 An endpoint is one deployment (OpenAI, an Azure deployment, a self-hosted vLLM server) with
 its own key, quota and health. Workers share each endpoint's quota through the run's
-limiter actor; health and in-flight counts are per worker.
+limiter actor, which also holds a self-hosted server's `max_in_flight` for all of them;
+health is per worker.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import openai
 
 from recaption.config import CaptionerConfig, EndpointConfig, LimitsConfig
 from recaption.errors import CaptionerFatal, ConfigError
-from recaption.limits import Permit, Quota
+from recaption.limits import EndpointLimits, Permit, Quota
 
 DEFAULT_MODEL = "gpt-4.1"
 BENCH_AFTER = 5  # consecutive transport failures before an endpoint is benched
@@ -49,6 +50,20 @@ def endpoint_configs(cfg: CaptionerConfig, limits: LimitsConfig) -> list[Endpoin
             max_in_flight=cfg.max_in_flight,
         )
     ]
+
+
+def endpoint_limits(cfg: CaptionerConfig, limits: LimitsConfig) -> dict[str, EndpointLimits]:
+    """What each endpoint's shared limiter holds: quota, burst, capacity."""
+    return {
+        ep.name: EndpointLimits(
+            rpm=ep.rpm,
+            tpm=ep.tpm,
+            burst_s=limits.burst_s,
+            max_in_flight=ep.max_in_flight,
+            request_s=cfg.timeout_s + 10,  # the SDK's timeout, and a lease's life before it
+        )
+        for ep in endpoint_configs(cfg, limits)
+    }
 
 
 def key_env(ep: EndpointConfig) -> str:
@@ -138,7 +153,6 @@ class Endpoint:
         self.failures = 0
         self.benched_until = 0.0
         self.probing = False
-        self.in_flight = 0  # this worker's requests to it now; capped by max_in_flight
         self._client: openai.AsyncOpenAI | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -157,12 +171,6 @@ class Endpoint:
 
     def healthy(self, now: float) -> bool:
         return now >= self.benched_until and not self.probing
-
-    @property
-    def slots(self) -> float:
-        """Requests it may still take from this worker now."""
-        cap = self.config.max_in_flight
-        return float("inf") if cap is None else cap - self.in_flight
 
     async def probe(self) -> None:
         """Back from the bench only if it answers GET /models (no tokens); else benched again,
@@ -218,8 +226,7 @@ class EndpointPool:
                 await asyncio.sleep(min(max(soonest, 0.05), 1.0))
                 continue
             waits = []
-            with_room = [e for e in healthy if e.slots > 0]
-            for endpoint in sorted(with_room, key=lambda e: (-e.quota.free, -e.slots)):
+            for endpoint in sorted(healthy, key=lambda e: -e.quota.free):
                 got = await endpoint.quota.try_acquire(tokens)
                 if isinstance(got, Permit):
                     return endpoint, got
