@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from recaption.errors import ConfigError
 
@@ -174,6 +174,35 @@ class LimitsConfig(Strict):
     max_usd: float | None = Field(None, ge=0)
 
 
+class NearConfig(Strict):
+    enabled: bool = True
+    # bits by which both perceptual hashes (phash, dhash) may differ: measured on the bundled
+    # photos, copies resized, re-encoded or cropped a few pixels are <= 8 apart, distinct
+    # photos >= 16
+    max_distance: int = Field(10, ge=0, le=24)
+
+
+class DedupConfig(Strict):
+    """Images already captioned in this run (or in `against`) are not sent again."""
+
+    # reuse: a data/ row with the first occurrence's caption, at no cost; reject: a rejected/
+    # row (duplicate_image); off: every image is captioned
+    mode: Literal["reuse", "reject", "off"] = "reuse"
+    near: NearConfig = NearConfig()
+    # earlier corpora whose captions are reused: same model, prompt version and settings
+    against: list[str] = []
+    # index actors; more spread its memory over nodes (near copies claimed at the same moment
+    # on two workers may then both be captioned)
+    partitions: int = Field(1, ge=1, le=256)
+    # how long a duplicate waits for its first occurrence's caption before it is asked itself
+    wait_s: float = Field(900, gt=0)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
+
 class RayConfig(Strict):
     address: str | None = None  # None: start a local Ray; "auto" or host:port joins a cluster
     workers: int = Field(2, ge=1)
@@ -188,6 +217,7 @@ class PipelineConfig(Strict):
     captioner: CaptionerConfig = CaptionerConfig()
     validation: ValidationConfig = ValidationConfig()
     limits: LimitsConfig = LimitsConfig()
+    dedup: DedupConfig = DedupConfig()
     ray: RayConfig = RayConfig()
 
 

@@ -22,6 +22,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from datasketches import hll_sketch
+
 from recaption.captioners import Captioner, backend_of, make_captioner
 from recaption.captioners.prompt import USER_TEXT, load_prompt, prompt_with_schema
 from recaption.config import PipelineConfig
@@ -32,10 +34,13 @@ from recaption.pricing import image_tokens, price_for
 from recaption.shard import answer, samples
 from recaption.sources import Shard, input_shards, read_samples
 
+_HASH_COLUMNS = ("sha256", "md5", "sha512")  # img2dataset --compute_hash writes one
 
-def count_images(shards: list[Shard]) -> tuple[int, int]:
+
+def count_images(shards: list[Shard], hashes: hll_sketch | None = None) -> tuple[int, int]:
     """(samples, of which downloaded), from the shards' metadata where it tells; a shard
-    without it (a bare tar, a sampled selection) is counted by reading it."""
+    without it (a bare tar, a sampled selection) is counted by reading it. `hashes` is fed
+    the download hashes the metadata carries (img2dataset `--compute_hash`), if any."""
     samples = downloaded = 0
     for shard in shards:
         if shard.format == "folder" and shard.fraction is None:
@@ -48,12 +53,27 @@ def count_images(shards: list[Shard]) -> tuple[int, int]:
         else:
             file = shard.parquet(shard.table)
             samples += file.metadata.num_rows
-            if "status" in file.schema_arrow.names:
+            names = file.schema_arrow.names
+            if "status" in names:
                 status = file.read(columns=["status"]).column("status").to_pylist()
                 downloaded += sum(s in (None, "success") for s in status)
             else:
                 downloaded += file.metadata.num_rows
+            column = next((c for c in _HASH_COLUMNS if c in names), None)
+            if hashes is not None and column is not None:
+                for value in file.read(columns=[column]).column(column).to_pylist():
+                    if value:
+                        hashes.update(value)
     return samples, downloaded
+
+
+def _exact_duplicates(cfg: PipelineConfig, hashes: hll_sketch, downloaded: int) -> dict:
+    """Exact duplicates among the downloads, from their hashes (a distinct-count sketch,
+    ~1% error, a few KB whatever the input); near duplicates are found only by the run."""
+    if cfg.dedup.mode == "off" or hashes.is_empty():
+        return {"exact": None, "share": None}
+    distinct = min(downloaded, round(hashes.get_estimate()))
+    return {"exact": downloaded - distinct, "share": round(1 - distinct / downloaded, 4)}
 
 
 def draw(shards: list[Shard], n: int, cfg: PipelineConfig) -> tuple[list[PreparedImage], int]:
@@ -164,12 +184,16 @@ def estimate(
     shards = input_shards(cfg.input)
     committed, spent = _committed(cfg)
     todo = [s for s in shards if s.id not in committed]
-    samples, downloaded = count_images(todo)
+    hashes = hll_sketch(14)
+    samples, downloaded = count_images(todo, hashes)
+    duplicates = _exact_duplicates(cfg, hashes, downloaded)
     drawn, undecodable = draw(shards, sample, cfg)
     if not drawn:
         raise InputError(f"no decodable image found in {cfg.input.path}")
     # images that will reach the captioner: downloaded and decodable
     sendable = images if images is not None else downloaded
+    if images is None and duplicates["exact"]:  # each picture is captioned once
+        sendable -= duplicates["exact"]
     sendable = round(sendable * len(drawn) / (len(drawn) + undecodable))
     out: dict[str, Any] = {
         "input": {
@@ -181,6 +205,7 @@ def estimate(
         "spent_usd": round(spent, 4),
         "max_usd": cfg.limits.max_usd,
         "images": sendable,
+        "duplicates": duplicates,
         "sample": len(drawn),
         "measured": not dry,
         "backend": cfg.captioner.backend,
@@ -215,6 +240,11 @@ def estimate(
     model = cfg.captioner.model or "gpt-4.1"
     price = price_for(model, cfg.captioner.price)
     total_in, total_out = per["input_tokens"] * sendable, per["output_tokens"] * sendable
+    if duplicates["exact"]:  # what the images not sent would have cost
+        saved = duplicates["exact"] * len(drawn) / (len(drawn) + undecodable)
+        duplicates["saved_usd"] = round(
+            price.cost(per["input_tokens"] * saved, per["output_tokens"] * saved), 4
+        )
     out |= {
         "model": model,
         "per_image": {k: round(v, 3) for k, v in per.items()}
@@ -271,6 +301,13 @@ def lines(result: dict[str, Any]) -> list[str]:
         f"input: {src['samples']} samples in {src['shards']} shards{done}, "
         f"{src['downloaded']} downloaded -> {result['images']} images to caption",
     ]
+    dup = result.get("duplicates") or {}
+    if dup.get("exact"):
+        saved = f", saving ${dup['saved_usd']:,.2f}" if dup.get("saved_usd") else ""
+        out.append(
+            f"duplicates: ~{dup['exact']:,} exact copies ({dup['share']:.1%}, from the "
+            f"download hashes) are not sent{saved}; near copies are found as the run goes"
+        )
     if "per_image" not in result:
         out.append(
             f"{result['backend']} on this machine: {result['images_per_s']} images/s a worker, "

@@ -13,6 +13,7 @@ import io
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -49,6 +50,9 @@ class PreparedImage:
     passed_through: bool = False  # True: `data` is the input's own bytes, never decoded here
     # `data` decoded to RGB; a passed-through image is decoded only when `image` is first read
     decoded: Image.Image | None = field(default=None, repr=False, compare=False)
+    # its recaption.dedup Fingerprint, when the run looks for duplicates (taken in the thread
+    # that prepared it)
+    fingerprint: Any = field(default=None, repr=False, compare=False)
 
     @property
     def image(self) -> Image.Image:

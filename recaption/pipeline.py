@@ -32,6 +32,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from recaption.captioners import ShardPending, backend_of, captioner_identity, make_captioner
 from recaption.config import PipelineConfig, RayConfig, redacted
 from recaption.corpus import Committed, CorpusStore
+from recaption.dedup import SharedIndex
+from recaption.dedup.corpus import check_against, journaled, originals, seed
 from recaption.errors import BudgetSpent, CaptionerFatal, ConfigError, RunError
 from recaption.limits import BudgetActor, LimiterActor, QueueActor
 from recaption.progress import Finished, ProgressStyle, RunSummary, progress_bar
@@ -65,6 +67,7 @@ class ShardWorker:
         env: dict[str, str],
         budget: Any,
         queues: dict[str, Any],
+        index: SharedIndex | None = None,
     ) -> None:
         for name, value in env.items():  # credentials, held in memory only
             os.environ.setdefault(name, value)
@@ -73,6 +76,7 @@ class ShardWorker:
         self.captioner = make_captioner(cfg, limiters, budget, queues)
         self.in_flight: asyncio.Semaphore | None = None  # made on the actor's event loop
         self.pool = image_pool(cfg)  # prepares the images of all its shards
+        self.index = index  # the run's duplicate index
         self.done: Counter[str] = Counter()
         self.cpu_started = _cpu_s()
 
@@ -91,8 +95,9 @@ class ShardWorker:
         if self.in_flight is None:
             self.in_flight = asyncio.Semaphore(self.cfg.limits.concurrency)
         shard_pass = ShardPass(
-            shard, self.cfg, self.captioner, self._tick, self.in_flight, retry, self.pool
-        )
+            shard, self.cfg, self.captioner, self._tick, self.in_flight, retry, self.pool,
+            self.index,
+        )  # fmt: skip
         return await shard_pass.run()
 
     async def progress(self) -> dict[str, float]:
@@ -269,6 +274,28 @@ def _budget(cfg: PipelineConfig, store: CorpusStore, committed: Committed) -> An
     return BudgetActor.options(num_cpus=0).remote(cfg.limits.max_usd, before)
 
 
+def _dedup_index(
+    cfg: PipelineConfig, store: CorpusStore, committed: Committed, run_id: str, backend: Any
+) -> SharedIndex | None:
+    """The run's duplicate index, holding the first occurrences the corpus already has (a
+    resumed run) and those of `dedup.against`; None when the run looks for no duplicates."""
+    if cfg.dedup.mode == "off" or backend.answers_shards:
+        return None
+    earlier = [CorpusStore(path) for path in cfg.dedup.against]
+    for other in earlier:
+        check_against(cfg, other)
+    near = cfg.dedup.near
+    index = SharedIndex.start(
+        cfg.dedup.partitions, near.max_distance, near.enabled, f"recaption-dedup-{run_id}"
+    )
+    sources = [originals(other, prefix=f"against{i}:") for i, other in enumerate(earlier)]
+    if committed.ids:  # a resumed run: what it captioned before is reused, not paid again
+        sources.append(originals(store, committed.ids))
+    sources.append(journaled(store, skip=committed.ids))
+    asyncio.run(seed(index, sources))
+    return index
+
+
 def _run(
     cfg: PipelineConfig,
     shards: list[Shard],
@@ -303,6 +330,7 @@ def _run(
                     f"{gpus:g} GPUs; set it to 0 to run on CPUs"
                 )
         run_id = uuid.uuid4().hex[:8]
+        index = _dedup_index(cfg, store, committed, run_id, backend)
         # one limiter per endpoint, shared by every worker of this run
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         limiters = {  # on the driver's node, which lives as long as the run
@@ -323,7 +351,7 @@ def _run(
         def new_worker():
             return ShardWorker.options(
                 num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker
-            ).remote(cfg, limiters, env, budget, queues)
+            ).remote(cfg, limiters, env, budget, queues, index)
 
         workers = [new_worker() for _ in range(n_workers)]
         # Work goes to a worker once it is up: one that cannot be placed (a full cluster, a
@@ -423,6 +451,8 @@ def _run(
             shared = [*limiters.values(), *queues.values(), *([budget] if budget else [])]
             for actor in [*workers, *shared]:
                 ray.kill(actor)  # stops shards still running
+            if index is not None:
+                index.shutdown()
             _clean_up(cfg, store)
         if fatal:
             raise RunError(fatal)

@@ -19,7 +19,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 # Bump when a column is added, removed or changes meaning; stored in each Parquet file's metadata.
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: duplicate_of, duplicate_kind, image_phash
 
 
 class Stage(StrEnum):
@@ -62,6 +62,8 @@ class Reason(StrEnum):
     repetition = "repetition"
     truncated_output = "truncated_output"
     wrong_language = "wrong_language"
+    # caption, with dedup.mode=reject: the picture is already in the corpus under another key
+    duplicate_image = "duplicate_image"
 
 
 @dataclass
@@ -166,6 +168,13 @@ class CaptionRecord(BaseModel):
     attempts: int
     latency_ms: float
     created_at: datetime
+    # dedup.mode=reuse: the first occurrence's key and caption, at no cost (exact: the same
+    # prepared bytes; near: a resized, re-encoded or slightly cropped copy). None: captioned
+    duplicate_of: str | None = None
+    duplicate_kind: str | None = None  # exact | near
+    # the perceptual hashes near duplicates are found by, "phash:dhash" in hex (None: an image
+    # too flat for them, matched exactly only); kept so later runs (dedup.against) match it
+    image_phash: str | None = None
 
 
 class Rejection(BaseModel):
@@ -197,6 +206,8 @@ class ShardReport(BaseModel):
     requests: int = 0  # API requests sent, retries included
     request_outcomes: dict[str, int] = {}  # rate_limited, http_503, refusal, ... counts
     resumed: int = 0  # rows taken from the journal of an interrupted run: no new call
+    duplicates: dict[str, int] = {}  # exact / near duplicates, not sent to the captioner
+    saved_usd: float = 0.0  # what their first occurrences cost: the captions not paid twice
     backend: str = ""  # the captioner that wrote this shard (rows carry theirs too)
     model: str = ""
     prompt_version: str = ""
@@ -239,6 +250,8 @@ class Totals:
     cost_usd: float = 0.0
     requests: int = 0
     request_outcomes: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    saved_usd: float = 0.0
 
     def add(self, report: ShardReport, sign: int = 1) -> None:
         """Count a shard in (`sign=-1`: out, when a recommit replaces its report)."""
@@ -254,6 +267,8 @@ class Totals:
         self.cost_usd += sign * report.cost_usd
         self.requests += sign * report.requests
         self.request_outcomes.update({k: sign * n for k, n in report.request_outcomes.items()})
+        self.duplicates.update({k: sign * n for k, n in report.duplicates.items()})
+        self.saved_usd += sign * report.saved_usd
 
     def as_dict(self) -> dict[str, typing.Any]:
         return {
@@ -268,6 +283,8 @@ class Totals:
             "cost_usd": round(self.cost_usd, 6),
             "requests": self.requests,
             "request_outcomes": {k: n for k, n in sorted(self.request_outcomes.items()) if n},
+            "duplicates": {k: n for k, n in sorted(self.duplicates.items()) if n},
+            "saved_usd": round(self.saved_usd, 6),
         }
 
 
@@ -305,6 +322,12 @@ def arrow_schema(model: type[BaseModel]) -> pa.Schema:
 
 
 DATA_SCHEMA = arrow_schema(CaptionRecord)
+# data files of schema 1 (before dedup) are read as they are: the same less the new columns
+_DEDUP_COLUMNS = ("duplicate_of", "duplicate_kind", "image_phash")
+DATA_SCHEMAS = {
+    "2": DATA_SCHEMA,
+    "1": pa.schema([f for f in DATA_SCHEMA if f.name not in _DEDUP_COLUMNS]),
+}
 REJECTED_SCHEMA = arrow_schema(Rejection)
 
 

@@ -64,6 +64,9 @@ def write_report(corpus: Path, sample: int = 200, seed: int = 0) -> Path:
         "shards": totals.shards,
         **stats.summary(),
         "requests": totals.requests,
+        # dedup: copies given their first occurrence's caption (or rejected), not sent
+        "duplicates": {k: n for k, n in sorted(totals.duplicates.items()) if n},
+        "saved_usd": round(totals.saved_usd, 6),
         "contact_sheet": {"shown": len(drawn), "of": stats.captioned},
     }
     _thumbnails(drawn, out / "thumbs")
@@ -221,6 +224,15 @@ def _page(report: dict[str, Any], drawn: list[dict[str, Any]], plots: dict[str, 
     def img(name: str, alt: str) -> str:
         return f'<img class=plot src="{plots[name]}" alt="{esc(alt)}">' if name in plots else ""
 
+    copies = report.get("duplicates") or {}
+    dups = (
+        f"Duplicates not sent: {sum(copies.values()):,} "
+        f"({', '.join(f'{n:,} {k}' for k, n in copies.items())}), "
+        f"saving ${report['saved_usd']:,.4f}."
+        if copies
+        else ""
+    )
+
     words = "".join(
         f"<tr><th>{label}</th>"
         + "".join(
@@ -293,7 +305,8 @@ duplicate captions across distinct images: {s("duplicate_captions.rate")}</p>
 <h2>Tokens, cost and throughput</h2>
 <p>{s("usage.input_tokens")} input and {s("usage.output_tokens")} output tokens
 ({s("usage.input_tokens_per_image.mean")} and {s("usage.output_tokens_per_image.mean")} per image),
-{s("requests")} requests, ${s("usage.cost_usd")} in all, ${s("usage.cost_per_1k_images")} per 1,000 images.</p>
+{s("requests")} requests, ${s("usage.cost_usd")} in all, ${s("usage.cost_per_1k_images")} per 1,000 images.
+{dups}</p>
 {img("tokens", "tokens per image")}{img("throughput", "captions over time")}
 
 <h2>Most frequent</h2>

@@ -38,6 +38,8 @@ import pyarrow.parquet as pq
 from recaption.captioners.base import Answer, Captioner, CaptionFailure, CaptionResult, ShardJob
 from recaption.config import ImageConfig, PipelineConfig, ValidationConfig
 from recaption.corpus import DATA_DIR, REJECTED_DIR, CorpusStore, ShardWriter
+from recaption.dedup import Claim, SharedIndex, fingerprint
+from recaption.dedup.corpus import DuplicateImage, local_index, phash_column, reusable
 from recaption.errors import BudgetSpent, CaptionerFatal, Rejected, Unreadable
 from recaption.images import PreparedImage, prepare
 from recaption.journal import Journal
@@ -82,17 +84,19 @@ def samples(
         yield from _prepare(chunk, image, timer)
 
 
-async def prepared_samples(
+async def prepared_chunks(
     shard: Shard,
     image: ImageConfig,
     pool: ThreadPoolExecutor,
     timer: Timer,
     skip: Callable[[str], bool] | None = None,
     depth: int = 4,
-) -> AsyncIterator[tuple[Sample, PreparedImage | Rejected]]:
-    """`samples`, read and prepared in `pool`'s threads (Pillow and zlib release the GIL), so
-    that the event loop keeps sending requests and reading replies meanwhile and a worker
-    uses more than one core. In shard order; at most `depth` chunks ahead of the caller."""
+    fingerprints: bool = False,
+) -> AsyncIterator[list[tuple[Sample, PreparedImage | Rejected]]]:
+    """`samples` a chunk at a time, read and prepared in `pool`'s threads (Pillow and zlib
+    release the GIL), so that the event loop keeps sending requests and reading replies
+    meanwhile and a worker uses more than one core. In shard order; at most `depth` chunks
+    ahead of the caller. `fingerprints`: each prepared image also gets its dedup fingerprint."""
     loop = asyncio.get_running_loop()
     stream = read_samples(shard)
     ahead: deque[asyncio.Future] = deque()
@@ -106,12 +110,11 @@ async def prepared_samples(
             if not chunk:
                 done = True
                 break
-            ahead.append(loop.run_in_executor(pool, _prepared_chunk, chunk, image))
+            ahead.append(loop.run_in_executor(pool, _prepared_chunk, chunk, image, fingerprints))
         if ahead:
             chunk_out, local = await ahead.popleft()
             timer.update(local)
-            for item in chunk_out:
-                yield item
+            yield chunk_out
 
 
 def _read(
@@ -147,10 +150,16 @@ def _prepare(
 
 
 def _prepared_chunk(
-    chunk: list[Sample], image: ImageConfig
+    chunk: list[Sample], image: ImageConfig, fingerprints: bool
 ) -> tuple[list[tuple[Sample, PreparedImage | Rejected]], Timer]:
     timer = Timer()  # one per chunk: threads do not share a counter
-    return list(_prepare(chunk, image, timer)), timer
+    out = list(_prepare(chunk, image, timer))
+    if fingerprints:
+        with timer("dedup"):
+            for _, prepared in out:
+                if isinstance(prepared, PreparedImage):
+                    prepared.fingerprint = fingerprint(prepared)
+    return out, timer
 
 
 async def answer(
@@ -192,7 +201,7 @@ class ShardPass:
     `in_flight` bounds the images being captioned and `pool` prepares them; a worker shares
     both across its shards.
     `retry`: the shard is committed; recommit it, asking its rejections with these reasons
-    again."""
+    again. `index`: the run's duplicate index (dedup.mode reuse | reject)."""
 
     def __init__(
         self,
@@ -203,6 +212,7 @@ class ShardPass:
         in_flight: asyncio.Semaphore | None = None,
         retry: frozenset[str] | None = None,
         pool: ThreadPoolExecutor | None = None,
+        index: SharedIndex | None = None,
     ):
         self.shard, self.cfg, self.captioner, self.retry = shard, cfg, captioner, retry
         self.on_sample = on_sample or (lambda usage, rejected: None)
@@ -219,6 +229,13 @@ class ShardPass:
         self.samples = self.resumed = 0
         self.deferred = 0  # samples left unanswered at the spend cap
         self.prior: ShardReport | None = None  # a recommit: the report it starts from
+        # the run's duplicate index (a local one for a pass on its own); None: dedup is off
+        looks = cfg.dedup.mode != "off" and not captioner.answers_shards
+        self.index = (index or local_index(cfg)) if looks else None
+        self.originals: set[str] = set()  # keys claimed first: their duplicates wait on them
+        self.waiting = asyncio.Semaphore(4 * cfg.limits.concurrency)  # duplicates waiting
+        self.duplicates: Counter[str] = Counter()
+        self.saved_usd = 0.0
 
     async def run(self) -> ShardReport:
         started = time.perf_counter()
@@ -234,24 +251,37 @@ class ShardPass:
             answers = await self.captioner.settle(self.job())
             image_cfg = self.cfg.captioner.image
             depth = 2 * image_cfg.threads  # every thread busy, and one chunk more each
-            images = prepared_samples(self.shard, image_cfg, self.pool, self.timer, skip, depth)
-            async for sample, image in images:
+            chunks = prepared_chunks(
+                self.shard, image_cfg, self.pool, self.timer, skip, depth, self.index is not None
+            )
+            async for chunk in chunks:
                 if self.deferred:  # the spend cap: send nothing more, let the rest land
                     break
-                self.samples += 1
-                if isinstance(image, Rejected):
-                    self.reject(sample, image)
-                elif sample.key in self.journal.answered:
-                    self.replay(sample, image, self.journal.answered[sample.key])
-                else:
-                    await self.in_flight.acquire()  # at most `limits.concurrency` in flight
-                    given = answers.pop(sample.key, None)
-                    task = asyncio.create_task(self.caption(sample, image, given))
-                    tasks.add(task)
-                    task.add_done_callback(finished)
-                    # let requests go out (and a local VLM's batcher run) while the next
-                    # images are read and prepared, not only once the in-flight bound is hit
-                    await asyncio.sleep(0)
+                claims = await self.claim(chunk)
+                for sample, image in chunk:
+                    if self.deferred:
+                        break
+                    self.samples += 1
+                    if isinstance(image, Rejected):
+                        self.reject(sample, image)
+                    elif sample.key in self.journal.answered:
+                        self.replay(sample, image, self.journal.answered[sample.key])
+                    elif (claim := claims.get(sample.key)) is not None and claim.kind != "new":
+                        # waits for its first occurrence's caption without holding a request
+                        # slot (that caption may be waiting for one)
+                        await self.waiting.acquire()
+                        task = asyncio.create_task(self.duplicate(sample, image, claim))
+                        tasks.add(task)
+                        task.add_done_callback(lambda t: (tasks.discard(t), self.waiting.release()))
+                    else:
+                        await self.in_flight.acquire()  # at most `limits.concurrency` in flight
+                        given = answers.pop(sample.key, None)
+                        task = asyncio.create_task(self.caption(sample, image, given))
+                        tasks.add(task)
+                        task.add_done_callback(finished)
+                        # let requests go out (and a local VLM's batcher run) while the next
+                        # images are read and prepared, not only once the in-flight bound is hit
+                        await asyncio.sleep(0)
             await asyncio.gather(*tasks)
             if self.deferred:
                 raise BudgetSpent(f"shard {self.shard.id}: {self.deferred} samples wait")
@@ -276,18 +306,93 @@ class ShardPass:
                 self.captioner, image, self.cfg.validation, given, self.timer
             )
         except Rejected as exc:
-            return self.reject(sample, exc)
+            self.reject(sample, exc)
+            return await self.answered(sample, None)
         except BudgetSpent:
             self.deferred += 1
-            return
+            return await self.answered(sample, None)
         with self.timer("write"):
-            self.write(sample, image, result, caption)
+            record = self.write(sample, image, result, caption)
+        await self.answered(sample, record)
+
+    # -- duplicates (dedup.mode reuse | reject) ---------------------------------------------------
+
+    def _index_key(self, key: str) -> str:
+        return f"{self.shard.id}/{key}"  # keys are unique within a shard only
+
+    async def claim(self, chunk: list[tuple[Sample, PreparedImage | Rejected]]) -> dict:
+        """Claim the chunk's images that will be asked: key -> Claim ("new": this is the
+        first occurrence in the run). Rows replayed from the journal are seeded instead."""
+        if self.index is None:
+            return {}
+        asked, seeded = [], []
+        for sample, image in chunk:
+            if not isinstance(image, PreparedImage) or image.fingerprint is None:
+                continue
+            entry = self.journal.answered.get(sample.key)
+            if entry is None:
+                asked.append((self._index_key(sample.key), image.fingerprint))
+            elif entry["kind"] == "data" and not entry["row"].get("duplicate_of"):
+                seeded.append(
+                    (self._index_key(sample.key), image.fingerprint, reusable(entry["row"]))
+                )
+        if seeded:
+            await self.index.seed(seeded)
+        if not asked:
+            return {}
+        claims = await self.index.claim(asked)
+        out = {}
+        for (ikey, _), claim in zip(asked, claims, strict=True):
+            key = ikey.split("/", 1)[1]
+            out[key] = claim
+            if claim.kind == "new":
+                self.originals.add(key)
+        return out
+
+    async def answered(self, sample: Sample, record: CaptionRecord | None) -> None:
+        """A first occurrence got its caption (or none): its duplicates may go on."""
+        if self.index is not None and sample.key in self.originals:
+            await self.index.answered(
+                self._index_key(sample.key), reusable(record) if record is not None else None
+            )
+
+    async def duplicate(self, sample: Sample, image: PreparedImage, claim: Claim) -> None:
+        started = time.perf_counter()
+        assert self.index is not None
+        first = await self.index.caption(claim.original, self.cfg.dedup.wait_s)
+        if first is None:  # its first occurrence got no caption (or is lost): ask this one
+            self.originals.add(sample.key)
+            await self.in_flight.acquire()
+            try:
+                return await self.caption(sample, image, None)
+            finally:
+                self.in_flight.release()
+        original = first["key"]  # a copy of a copy reuses (and names) the first occurrence
+        kind = claim.kind if original == claim.original.split("/", 1)[1] else "near"
+        self.duplicates[kind] += 1
+        self.saved_usd += first.get("cost_usd", 0.0)
+        if self.cfg.dedup.mode == "reject":
+            detail = f"{kind} duplicate of {original}"
+            return self.reject(sample, DuplicateImage(Reason.duplicate_image, detail))
+        result = CaptionResult(
+            caption=Caption(**{k: first[k] for k in Caption.model_fields}),
+            usage=Usage(attempts=0),
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
+        with self.timer("write"):
+            self.write(sample, image, result, result.caption, (original, kind))
 
     # -- what becomes of a sample ---------------------------------------------------------------
 
     def write(
-        self, sample: Sample, image: PreparedImage, result: CaptionResult, caption: Caption
-    ) -> None:
+        self,
+        sample: Sample,
+        image: PreparedImage,
+        result: CaptionResult,
+        caption: Caption,
+        duplicate: tuple[str, str] | None = None,
+    ) -> CaptionRecord:
+        """A data/ row and its journal line; `duplicate`: (first occurrence's key, kind)."""
         record = CaptionRecord(
             key=sample.key,
             shard=self.shard.id,
@@ -307,6 +412,9 @@ class ShardPass:
             attempts=result.attempts,
             latency_ms=round(result.latency_ms or 0.0, 3),
             created_at=datetime.now(UTC),
+            duplicate_of=duplicate[0] if duplicate else None,
+            duplicate_kind=duplicate[1] if duplicate else None,
+            image_phash=phash_column(image.fingerprint),
         )
         self.writer.add(record)
         self.usage.add(result.usage)
@@ -314,6 +422,7 @@ class ShardPass:
             "data", record.model_dump(mode="json", exclude={"image"}), result.usage.spent()
         )
         self.on_sample(result.usage, False)
+        return record
 
     def reject(self, sample: Sample, exc: Rejected) -> None:
         rejection = Rejection(
@@ -344,6 +453,8 @@ class ShardPass:
                 "width": image.width,
                 "height": image.height,
             }
+            if row.get("duplicate_kind"):
+                self.duplicates[row["duplicate_kind"]] += 1
             self.writer.add(CaptionRecord.model_validate(row))
         else:
             self.writer.reject(Rejection.model_validate(entry["row"]))
@@ -419,6 +530,8 @@ class ShardPass:
             requests=requests,
             request_outcomes=dict(sorted(outcomes.items())),
             resumed=self.resumed,
+            duplicates=dict(sorted(self.duplicates.items())),
+            saved_usd=self.saved_usd,
             backend=self.captioner.backend,
             model=self.captioner.model,
             prompt_version=self.captioner.prompt_version,

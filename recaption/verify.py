@@ -13,14 +13,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from recaption.config import InputConfig
 from recaption.corpus import DATA_DIR, REJECTED_DIR, CorpusStore
-from recaption.records import DATA_SCHEMA, REJECTED_SCHEMA, Manifest, Reason
+from recaption.records import DATA_SCHEMAS, REJECTED_SCHEMA, Manifest, Reason
 from recaption.sources import Shard, input_shards, read_samples
+
+REJECTED_SCHEMAS = {"1": REJECTED_SCHEMA, "2": REJECTED_SCHEMA}  # unchanged by schema 2
 
 
 @dataclass
@@ -37,21 +40,25 @@ class Verdict:
 
 
 def _keys(
-    fs: pafs.FileSystem, path: str, schema, verdict: Verdict, columns: list[str]
+    fs: pafs.FileSystem,
+    path: str,
+    schemas: dict[str, pa.Schema],
+    verdict: Verdict,
+    columns: list[str],
 ) -> list[dict] | None:
+    """The file's `columns`; a schema other than one of `schemas` (by version) is a finding."""
     try:
         table = pq.read_table(path, filesystem=fs)
     except Exception as exc:  # any unreadable file is a finding, not a crash
         verdict.problems.append(f"{path}: unreadable: {exc}")
         return None
-    if not table.schema.equals(schema, check_metadata=False):
-        verdict.problems.append(f"{path}: schema differs from the contract")
-    meta = (table.schema.metadata or {}).get(b"recaption.schema_version")
-    expected = schema.metadata[b"recaption.schema_version"]
-    if meta != expected:
+    meta = (table.schema.metadata or {}).get(b"recaption.schema_version", b"").decode()
+    if meta not in schemas:
         verdict.problems.append(
-            f"{path}: schema_version {meta and meta.decode()!r}, expected {expected.decode()!r}"
+            f"{path}: schema_version {meta or None!r}, expected one of {sorted(schemas)}"
         )
+    elif not table.schema.equals(schemas[meta], check_metadata=False):
+        verdict.problems.append(f"{path}: schema differs from the contract")
     return table.select([c for c in columns if c in table.column_names]).to_pylist()
 
 
@@ -102,8 +109,8 @@ def verify(
     for sid in sorted(set(counts) & data_ids & rejected_ids):
         verdict.shards += 1
         fs = store.arrow_fs
-        data = _keys(fs, data_files[sid], DATA_SCHEMA, verdict, ["key"])
-        rejected = _keys(fs, rejected_files[sid], REJECTED_SCHEMA, verdict, ["key", "reason"])
+        data = _keys(fs, data_files[sid], DATA_SCHEMAS, verdict, ["key"])
+        rejected = _keys(fs, rejected_files[sid], REJECTED_SCHEMAS, verdict, ["key", "reason"])
         if data is None or rejected is None:
             continue
         verdict.captioned += len(data)

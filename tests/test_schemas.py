@@ -26,6 +26,10 @@ DATA_COLUMNS = [
     "attempts",
     "latency_ms",
     "created_at",
+    # added in the second round (dedup)
+    "duplicate_of",
+    "duplicate_kind",
+    "image_phash",
 ]
 REJECTED_COLUMNS = ["key", "shard", "url", "stage", "reason", "detail", "attempts"]
 

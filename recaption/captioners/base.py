@@ -61,6 +61,8 @@ class ShardJob:
 class Captioner:
     backend: ClassVar[str]
     paid: ClassVar[bool] = False  # a metered, billed API: estimate counts tokens and dollars
+    # answers whole shards before their pass (`settle`): the pass looks for no duplicates
+    answers_shards: ClassVar[bool] = False
     model: str
     prompt_version: str
     counters: Counter[str]  # requests sent and their outcomes, for progress and the manifest

@@ -72,6 +72,7 @@ class _Key:
 
 class BatchCaptioner(OpenAICaptioner):
     backend = "openai-batch"
+    answers_shards = True
 
     def __init__(self, cfg: PipelineConfig, limiters: dict[str, Any] | None = None):
         super().__init__(cfg, limiters)

@@ -208,7 +208,7 @@ class SharedIndex:
             kind, value = await self._state_of(key)
             if kind == "caption":
                 return value
-            if kind == "rejected":
+            if kind in ("rejected", "unknown"):  # unknown: its partition restarted empty
                 return None
             if kind == "link" and hops < MAX_LINKS:
                 key, hops = value, hops + 1

@@ -1,0 +1,134 @@
+"""Duplicates and the corpus: what a duplicate row reuses, the rejection it may become, and
+the index seeded with what a corpus already holds (this run's committed shards on resume,
+and the corpora of `dedup.against`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from recaption.config import PipelineConfig
+from recaption.corpus import DATA_DIR, CorpusStore
+from recaption.dedup.fingerprint import Fingerprint
+from recaption.dedup.index import DedupIndex
+from recaption.dedup.shared import SharedIndex
+from recaption.errors import ConfigError, Rejected
+from recaption.records import Caption, CaptionRecord, Stage
+
+# what a duplicate takes from its first occurrence: its key, caption, and cost (saved)
+_REUSED = ("key", *Caption.model_fields, "cost_usd")
+# settings under which a caption of another corpus is the caption this run would write
+_SAME = (
+    ("captioner", "backend"),
+    ("captioner", "model"),
+    ("captioner", "prompt"),
+    ("captioner", "image", "max_side"),
+    ("captioner", "image", "format"),
+    ("captioner", "image", "quality"),
+    ("captioner", "image", "detail"),
+    ("validation",),
+)
+SEED_BATCH = 4096
+
+
+class DuplicateImage(Rejected):
+    """dedup.mode=reject: the picture is in the corpus under another key."""
+
+    stage = Stage.caption
+
+
+def local_index(cfg: PipelineConfig) -> SharedIndex:
+    """An index of one pass's own (tests, `process_shard`): duplicates within the shard."""
+    return SharedIndex(DedupIndex(cfg.dedup.near.max_distance, cfg.dedup.near.enabled))
+
+
+def reusable(row: CaptionRecord | dict[str, Any]) -> dict[str, Any]:
+    """The part of a first occurrence's row that its duplicates reuse."""
+    data = row.model_dump() if isinstance(row, CaptionRecord) else row
+    return {k: data[k] for k in _REUSED}
+
+
+def phash_column(fp: Fingerprint | None) -> str | None:
+    """`image_phash`: "phash:dhash" in hex, for an image detailed enough to match near."""
+    if fp is None or not fp.near_ok:
+        return None
+    return f"{fp.phash:016x}:{fp.dhash:016x}"
+
+
+def _fingerprint(sha256: str, column: str | None) -> Fingerprint:
+    if not column:
+        return Fingerprint(sha256, 0, 0, near_ok=False)  # matched exactly only
+    phash, dhash = column.split(":")
+    return Fingerprint(sha256, int(phash, 16), int(dhash, 16))
+
+
+def originals(store: CorpusStore, only: set[str] | None = None, prefix: str = ""):
+    """(index key, fingerprint, reusable row) of every captioned first occurrence in the
+    corpus's data files (of the shards in `only`), a row group at a time. `prefix` keeps
+    another corpus's keys apart from this run's (the same crawl has the same keys)."""
+    columns = ["shard", "image_sha256", *_REUSED]
+    for sid, path in store.shard_files(DATA_DIR, ".parquet").items():
+        if only is not None and sid not in only:
+            continue
+        data = pq.ParquetFile(path, filesystem=store.arrow_fs)
+        names = set(data.schema_arrow.names)
+        extra = [c for c in ("image_phash", "duplicate_of") if c in names]  # schema 2 on
+        for group in range(data.num_row_groups):
+            for row in data.read_row_group(group, columns=columns + extra).to_pylist():
+                if row.get("duplicate_of"):
+                    continue
+                fp = _fingerprint(row["image_sha256"], row.get("image_phash"))
+                yield f"{prefix}{row['shard']}/{row['key']}", fp, {k: row[k] for k in _REUSED}
+
+
+def journaled(store: CorpusStore, skip: set[str]):
+    """The same, from the journals of shards an interrupted run left unfinished: their
+    answers are replayed without a call, so their duplicates elsewhere need not wait."""
+    for path in store.journals():
+        if path.stem in skip:
+            continue
+        for line in path.read_bytes().splitlines():
+            try:
+                entry = json.loads(line)
+                row = entry["row"]
+                if entry["kind"] != "data" or row.get("duplicate_of"):
+                    continue
+                fp = _fingerprint(row["image_sha256"], row.get("image_phash"))
+                yield f"{row['shard']}/{row['key']}", fp, {k: row[k] for k in _REUSED}
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn line: that key is asked again anyway
+
+
+def check_against(cfg: PipelineConfig, store: CorpusStore) -> None:
+    """A corpus of `dedup.against` must have been made as this run makes captions."""
+    manifest = store.load_manifest()
+    if manifest is None:
+        raise ConfigError(f"dedup.against: {store.path} is not a recaption corpus (no manifest)")
+    ours = cfg.model_dump(mode="json")
+    for path in _SAME:
+        theirs, mine = manifest.config, ours
+        for part in path:
+            theirs, mine = (theirs or {}).get(part), (mine or {}).get(part)
+        if theirs != mine:
+            raise ConfigError(
+                f"dedup.against: {store.path} was made with {'.'.join(path)}={theirs!r}, this "
+                f"run uses {mine!r}; its captions are not what this run would write"
+            )
+
+
+async def seed(index: SharedIndex, sources: list[Iterator]) -> int:
+    """Put these first occurrences (`originals`, `journaled`) into the index; how many."""
+    count, batch = 0, []
+    for source in sources:
+        for item in source:
+            batch.append(item)
+            if len(batch) >= SEED_BATCH:
+                await index.seed(batch)
+                count, batch = count + len(batch), []
+    if batch:
+        await index.seed(batch)
+        count += len(batch)
+    return count
