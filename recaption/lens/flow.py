@@ -23,12 +23,20 @@ def uniform(n: int, generator: torch.Generator, device: torch.device) -> torch.T
     return torch.rand(n, generator=generator).to(device)
 
 
+def mixed(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Half uniform, half logit-normal: the noisy end, where a 32x32 scene's background and
+    layout are decided, gets trained, and so does the middle, where its shapes take form."""
+    u, ln = torch.rand(n, generator=generator), torch.sigmoid(torch.randn(n, generator=generator))
+    pick = torch.rand(n, generator=generator) < 0.5
+    return torch.where(pick, u, ln).to(device)
+
+
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3's resolution shift: shift > 1 moves training towards the noisy end of the path."""
     return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
 
 
-TIMESTEPS = {"logit_normal": logit_normal, "uniform": uniform}
+TIMESTEPS = {"logit_normal": logit_normal, "uniform": uniform, "mixed": mixed}
 
 
 def flow_loss(
