@@ -8,7 +8,7 @@ scenes ─▶ web shards ─▶ recaption (analyzer) ─▶ caption fidelity
                                          short through the upsampler, dense, paraphrase
                                       ─▶ OUT/report.md, results.json, accuracy.png, loss.png
 
-    python -m recaption.ablation [--out runs/ablation] [--scenes 2000] [--steps 900]
+    python -m recaption.ablation [--out runs/ablation] [--scenes 2000] [--steps 800]
 
 Every stage is skipped when its output exists, so a stopped ablation resumes where it was.
 """
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m recaption.ablation", description=__doc__)
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--scenes", type=int, default=2000)
-    p.add_argument("--steps", type=int, default=900, help="training steps of every arm")
+    p.add_argument("--steps", type=int, default=800, help="training steps of every arm")
     # dense and alt first: their seeds are what the thesis needs if a run is cut short
     p.add_argument(
         "--arms", default="dense,alt,short,dense95_alt5", help=f"some of {', '.join(ARMS)}"
@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--euler", type=int, default=20, help="Euler steps per image")
     p.add_argument("--seed", type=int, default=0, help="the scenes' seed and the first arm seed")
+    p.add_argument("--detector-scenes", type=int, default=1000, help="scenes the detector reads")
     return p.parse_args(argv)
 
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             timings[f"evaluate {arm} seed {seed}"] = time.perf_counter() - t
 
     image_size = load_lens_config(args.config, [*SETTINGS, *args.set]).model.image_size
-    detector = detector_accuracy(prompts, image_size)
+    detector = detector_accuracy(prompts, image_size, args.detector_scenes)
     blind = blind_accuracy(prompts, image_size, args.n)
     report = write_report(out, args, styles, fid, detector, blind, results, timings, argv)
     print(report.read_text())

@@ -68,6 +68,7 @@ def test_a_smoke_ablation_writes_the_report(ray_cluster, tmp_path):
     tiny = ["model.width=32", "model.depth=1", "model.heads=2", "batch_size=8"]
     tiny += ["text.max_tokens=16", "warmup_steps=1"]
     argv = ["--out", str(tmp_path), "--scenes", "40", "--steps", "2", "--n", "3", "--euler", "2"]
+    argv += ["--detector-scenes", "50"]
     for item in tiny:
         argv += ["--set", item]
     assert ablation.main(argv) == 0
