@@ -13,8 +13,9 @@ latency, and reads the server's request log:
   cpu   the client's CPU time per request at full speed (worker processes, all threads)
   quantized  600 RPM enforced over half-second windows, as OpenAI may: quota use and 429s
   floor client CPU per request at 6,000 RPM (4 workers, 50 ms latency, 512-px JPEGs sent
-        as they came, and 768-px ones re-encoded to 512), side by side with a bare asyncio +
-        httpx loop doing only the floor work on the same images and server (target <= 1.5x)
+        as they came, with dedup and without, and 768-px ones re-encoded to 512), side by
+        side with a bare asyncio + httpx loop doing only the floor work on the same images
+        and server (target <= 1.5x); the shard pass's own timings per request beside it
 
     python bench/openai_bench.py                 # about 15 minutes
     python bench/openai_bench.py --seconds 70 --only rpm
@@ -257,10 +258,13 @@ class TreeCPU:
         self.cpu_s = sum(v - self.start.get(k, 0.0) for k, v in self.seen.items())
 
 
-def recaption_cpu(server: Server, shards: Path, corpus: Path, limit: int | None) -> dict:
+def recaption_cpu(
+    server: Server, shards: Path, corpus: Path, limit: int | None, *extra: str
+) -> dict:
     cfg = pipeline(
-        server, shards, corpus, 4, f"limits.rpm={FLOOR_RPM}", "captioner.image.max_side=512"
-    )
+        server, shards, corpus, 4, f"limits.rpm={FLOOR_RPM}", "captioner.image.max_side=512",
+        *extra,
+    )  # fmt: skip
     if limit is not None:
         cfg.input.limit = limit
     with TreeCPU({server.proc.pid}) as cpu:
@@ -277,12 +281,18 @@ def recaption_cpu(server: Server, shards: Path, corpus: Path, limit: int | None)
 def floor(workdir: Path, images: int) -> dict:
     """recaption and the bare loop on the same images and server; startup subtracted."""
     results = {}
-    for case, side in (("pass-through", 512), ("re-encode", 768)):
+    cases = (  # dedup off beside the first: what looking for duplicates costs
+        ("pass-through", 512, "dedup.mode=reuse"),
+        ("pass-through, dedup off", 512, "dedup.mode=off"),
+        ("re-encode", 768, "dedup.mode=reuse"),
+    )
+    for case, side, dedup in cases:
         shards = sized_shards(workdir / f"floor-{side}", images, side)
         server = Server("--rpm", str(FLOOR_RPM), latency_ms=50)
+        name = case.replace(" ", "").replace(",", "-")
         try:
-            small = recaption_cpu(server, shards, workdir / f"floor-small-{side}", 5)
-            big = recaption_cpu(server, shards, workdir / f"floor-big-{side}", None)
+            small = recaption_cpu(server, shards, workdir / f"floor-small-{name}", 5, dedup)
+            big = recaption_cpu(server, shards, workdir / f"floor-big-{name}", None, dedup)
             bare = subprocess.run(
                 [sys.executable, str(ROOT / "bench/bare_client.py"), server.url, str(shards),
                  "--rpm", str(FLOOR_RPM), *(["--resize", "512"] if side > 512 else [])],
@@ -298,7 +308,7 @@ def floor(workdir: Path, images: int) -> dict:
         steps = {  # the per-request budget, as the shard pass times it (worker wall time)
             k.removesuffix("_s"): round(1000 * v / max(1, big["requests"]), 3)
             for k, v in sorted(big["timings"].items())
-            if k in ("read_s", "prepare_s", "write_s", "validate_s")
+            if k in ("read_s", "prepare_s", "dedup_s", "write_s", "validate_s")
         }
         results[case] = {
             "recaption_cpu_ms": ours,

@@ -45,6 +45,7 @@ REPORT_S = 0.1  # a worker's header readings reach the limiter this often
 BURST_S = 0.25
 MIN_BURST_S = 0.05
 SLOT_WAIT_S = 0.02  # every slot taken: ask again after this long
+ACTOR_TRIES = 5  # calls to a shared actor whose process died, while Ray restarts it
 
 
 @dataclass(frozen=True)
@@ -269,9 +270,19 @@ class Handle:
         self.remote = not isinstance(target, local)
 
     async def call(self, method: str, *args: Any) -> Any:
-        if self.remote:
-            return await getattr(self.target, method).remote(*args)
-        return getattr(self.target, method)(*args)
+        if not self.remote:
+            return getattr(self.target, method)(*args)
+        tries = 0
+        while True:
+            try:
+                return await getattr(self.target, method).remote(*args)
+            except ray.exceptions.RayActorError:
+                # the actor's process died: Ray restarts it (max_restarts=-1), empty, and
+                # a call lost with it is a short wait here, not an image rejected
+                tries += 1
+                if tries == ACTOR_TRIES:
+                    raise
+                await asyncio.sleep(0.25 * tries)
 
     def tell(self, method: str, *args: Any) -> None:
         """Fire and forget: Ray runs one caller's actor calls in order."""
@@ -328,9 +339,12 @@ class Quota(Handle):
                 grant: Grant = await self.call("lease", want, tokens, refund)
                 self.free = grant.free
                 if not grant.permits:
-                    # one lease call per wait, not one per waiting coroutine
-                    self.not_before = time.monotonic() + grant.wait_s
-                    return grant.wait_s
+                    # One lease call per wait, not one per waiting coroutine. Where the quota
+                    # binds, let a lease's worth accrue (the bucket keeps it) rather than ask
+                    # again for each permit: W workers polling per permit cost W calls each.
+                    wait = grant.wait_s + (0.0 if self.slots else LEASE_S)
+                    self.not_before = time.monotonic() + wait
+                    return wait
                 n, each, now = grant.permits, grant.tokens_each, time.monotonic()
                 self.pocket = [
                     Permit(each, grant.mark - n + 1 + i, grant.token_mark - (n - 1 - i) * each, now)

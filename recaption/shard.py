@@ -516,6 +516,8 @@ class ShardPass:
             self.usage.input_tokens += before.input_tokens
             self.usage.output_tokens += before.output_tokens
             self.usage.cost_usd += before.cost_usd
+            self.duplicates.update(before.duplicates)
+            self.saved_usd += before.saved_usd
         return ShardReport(
             shard=self.shard.id,
             source=str(self.shard.path),

@@ -157,8 +157,12 @@ def test_retry_rejected_turns_transient_rejections_into_captions(ray_cluster, sh
     with OpenAIServer(latency_ms=10, faults=faults, seed=3, api_key=KEY) as server:
         cfg = load_config(
             "pipelines/openai.yaml",
-            overrides(server, shards, corpus, "ray.workers=2", "captioner.max_attempts=1"),
-        )
+            # dedup off: a retried key that copies another image would take its caption
+            overrides(
+                server, shards, corpus, "ray.workers=2", "captioner.max_attempts=1",
+                "dedup.mode=off",
+            ),
+        )  # fmt: skip
         first = run(cfg, show_progress=False)
         reasons = Counter()
         for path in (corpus / "rejected").glob("*.parquet"):
