@@ -284,6 +284,7 @@ def floor(workdir: Path, images: int) -> dict:
     cases = (  # dedup off beside the first: what looking for duplicates costs
         ("pass-through", 512, "dedup.mode=reuse"),
         ("pass-through, dedup off", 512, "dedup.mode=off"),
+        ("pass-through, exact dedup only", 512, "dedup.near.enabled=false"),
         ("re-encode", 768, "dedup.mode=reuse"),
     )
     for case, side, dedup in cases:

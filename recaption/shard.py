@@ -91,12 +91,13 @@ async def prepared_chunks(
     timer: Timer,
     skip: Callable[[str], bool] | None = None,
     depth: int = 4,
-    fingerprints: bool = False,
+    fingerprints: str | None = None,
 ) -> AsyncIterator[list[tuple[Sample, PreparedImage | Rejected]]]:
     """`samples` a chunk at a time, read and prepared in `pool`'s threads (Pillow and zlib
     release the GIL), so that the event loop keeps sending requests and reading replies
     meanwhile and a worker uses more than one core. In shard order; at most `depth` chunks
-    ahead of the caller. `fingerprints`: each prepared image also gets its dedup fingerprint."""
+    ahead of the caller. `fingerprints` "exact" or "near": each prepared image also gets its
+    dedup fingerprint (the sha alone, or with its perceptual hashes)."""
     loop = asyncio.get_running_loop()
     stream = read_samples(shard)
     ahead: deque[asyncio.Future] = deque()
@@ -150,7 +151,7 @@ def _prepare(
 
 
 def _prepared_chunk(
-    chunk: list[Sample], image: ImageConfig, fingerprints: bool
+    chunk: list[Sample], image: ImageConfig, fingerprints: str | None
 ) -> tuple[list[tuple[Sample, PreparedImage | Rejected]], Timer]:
     timer = Timer()  # one per chunk: threads do not share a counter
     out = list(_prepare(chunk, image, timer))
@@ -158,7 +159,7 @@ def _prepared_chunk(
         with timer("dedup"):
             for _, prepared in out:
                 if isinstance(prepared, PreparedImage):
-                    prepared.fingerprint = fingerprint(prepared)
+                    prepared.fingerprint = fingerprint(prepared, fingerprints == "near")
     return out, timer
 
 
@@ -251,8 +252,11 @@ class ShardPass:
             answers = await self.captioner.settle(self.job())
             image_cfg = self.cfg.captioner.image
             depth = 2 * image_cfg.threads  # every thread busy, and one chunk more each
+            kind = (
+                None if self.index is None else "near" if self.cfg.dedup.near.enabled else "exact"
+            )
             chunks = prepared_chunks(
-                self.shard, image_cfg, self.pool, self.timer, skip, depth, self.index is not None
+                self.shard, image_cfg, self.pool, self.timer, skip, depth, kind
             )
             async for chunk in chunks:
                 if self.deferred:  # the spend cap: send nothing more, let the rest land

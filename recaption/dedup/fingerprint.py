@@ -61,7 +61,11 @@ def detail(grey: Image.Image) -> float:
     return float((blocks > DETAIL_STD).mean())
 
 
-def fingerprint(image: PreparedImage) -> Fingerprint:
+def fingerprint(image: PreparedImage, near: bool = True) -> Fingerprint:
+    """`near` False: the sha only (exact matching), no thumbnail: for a passed-through JPEG
+    the thumbnail is most of the cost (libjpeg still reads every coefficient)."""
+    if not near:
+        return Fingerprint(sha256=image.sha256, phash=0, dhash=0, near_ok=False)
     grey = _thumbnail(image)
     return Fingerprint(
         sha256=image.sha256,

@@ -176,11 +176,14 @@ class SharedIndex:
                 keys.append(key)
 
     async def answered(self, key: str, caption: dict | None) -> None:
+        """Sent, not awaited: Ray runs one caller's calls to an actor in order, and a copy
+        waiting for this caption polls for it anyway."""
         part = self.homes.get(key)
-        if part is None:
-            await self._all("answered", key, caption)  # each partition ignores keys not its own
-        else:
-            await self._call(part, "answered", key, caption)
+        for p in range(self.n) if part is None else [part]:  # a partition ignores others' keys
+            if self.local is not None:
+                self.local.answered(key, caption)
+            else:
+                self.parts[p].answered.remote(key, caption)
 
     async def seed(self, items: list[tuple[str, Fingerprint, dict]]) -> None:
         groups: dict[int, list] = defaultdict(list)
