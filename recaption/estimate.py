@@ -31,7 +31,8 @@ from recaption.corpus import Committed, CorpusStore
 from recaption.errors import InputError, Rejected
 from recaption.images import PreparedImage
 from recaption.pricing import image_tokens, price_for
-from recaption.shard import answer, samples
+from recaption.reading import samples
+from recaption.shard import answer
 from recaption.sources import Shard, input_shards, read_samples
 
 _HASH_COLUMNS = ("sha256", "md5", "sha512")  # img2dataset --compute_hash writes one

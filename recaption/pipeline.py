@@ -29,17 +29,20 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from recaption.budget import run_budget, spent_line
 from recaption.captioners import ShardPending, backend_of, captioner_identity, make_captioner
+from recaption.captioners.batch_queue import QueueActor
 from recaption.config import PipelineConfig, RayConfig, redacted
 from recaption.corpus import Committed, CorpusStore
 from recaption.dedup import SharedIndex
-from recaption.dedup.corpus import check_against, journaled, originals, seed
+from recaption.dedup.corpus import run_index
 from recaption.errors import BudgetSpent, CaptionerFatal, ConfigError, RunError
-from recaption.limits import BudgetActor, LimiterActor, QueueActor
+from recaption.limits import LimiterActor
 from recaption.progress import Finished, ProgressStyle, RunSummary, progress_bar
 from recaption.progress import show_progress as show_progress_line
+from recaption.reading import image_pool
 from recaption.records import Manifest, Reason, ShardReport, Usage
-from recaption.shard import ShardPass, image_pool
+from recaption.shard import ShardPass
 from recaption.sources import Shard, input_shards
 from recaption.storage import storage_env
 
@@ -266,36 +269,6 @@ def _open(
     return manifest, committed, redo
 
 
-def _budget(cfg: PipelineConfig, store: CorpusStore, committed: Committed) -> Any:
-    """The run's BudgetActor, holding what the corpus cost so far, or None without a cap."""
-    if cfg.limits.max_usd is None:
-        return None
-    before = committed.totals.cost_usd + store.unwritten_cost()
-    return BudgetActor.options(num_cpus=0).remote(cfg.limits.max_usd, before)
-
-
-def _dedup_index(
-    cfg: PipelineConfig, store: CorpusStore, committed: Committed, run_id: str, backend: Any
-) -> SharedIndex | None:
-    """The run's duplicate index, holding the first occurrences the corpus already has (a
-    resumed run) and those of `dedup.against`; None when the run looks for no duplicates."""
-    if cfg.dedup.mode == "off" or backend.answers_shards:
-        return None
-    earlier = [CorpusStore(path) for path in cfg.dedup.against]
-    for other in earlier:
-        check_against(cfg, other)
-    near = cfg.dedup.near
-    index = SharedIndex.start(
-        cfg.dedup.partitions, near.max_distance, near.enabled, f"recaption-dedup-{run_id}"
-    )
-    sources = [originals(other, prefix=f"against{i}:") for i, other in enumerate(earlier)]
-    if committed.ids:  # a resumed run: what it captioned before is reused, not paid again
-        sources.append(originals(store, committed.ids))
-    sources.append(journaled(store, skip=committed.ids))
-    asyncio.run(seed(index, sources))
-    return index
-
-
 def _run(
     cfg: PipelineConfig,
     shards: list[Shard],
@@ -330,7 +303,7 @@ def _run(
                     f"{gpus:g} GPUs; set it to 0 to run on CPUs"
                 )
         run_id = uuid.uuid4().hex[:8]
-        index = _dedup_index(cfg, store, committed, run_id, backend)
+        index = run_index(cfg, store, committed, run_id, backend)
         # one limiter per endpoint, shared by every worker of this run
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         limiters = {  # on the driver's node, which lives as long as the run
@@ -339,7 +312,7 @@ def _run(
             ).remote(**vars(limits))
             for name, limits in backend.metered_endpoints(cfg).items()
         }
-        budget = _budget(cfg, store, committed)
+        budget = run_budget(cfg, store, committed)
         queues = {  # the Batch API's enqueued-token quota, one per endpoint, for all workers
             name: QueueActor.options(scheduling_strategy=here).remote(limit)
             for name, limit in backend.queues(cfg).items()
@@ -447,7 +420,7 @@ def _run(
                 summary.workers = ray.get([w.progress.remote() for w in live], timeout=5)
             if budget is not None and summary.spent:
                 state = ray.get(budget.state.remote())
-                summary.spent = _spent_line(state, len(todo) + len(summary.pending))
+                summary.spent = spent_line(state, len(todo) + len(summary.pending))
             shared = [*limiters.values(), *queues.values(), *([budget] if budget else [])]
             for actor in [*workers, *shared]:
                 ray.kill(actor)  # stops shards still running
@@ -469,11 +442,3 @@ def _clean_up(cfg: PipelineConfig, store: CorpusStore) -> None:
         except Exception as exc:  # never a reason to fail a run that committed its shards
             print(f"recaption: warning: batch files left to delete: {exc}", file=sys.stderr)
         store.finished_batches()  # the folder, once empty
-
-
-def _spent_line(state: dict[str, Any], left: int) -> str:
-    return (
-        f"stopped at the spend cap: the corpus has cost ${state['spent']:.4f} of "
-        f"limits.max_usd=${state['cap']:.4f}; {left} shards left resumable. Raise "
-        "limits.max_usd and run again: nothing already answered is asked again"
-    )

@@ -206,7 +206,7 @@ def test_azure_batch_deployment(ray_cluster, sample_shards, tmp_path, monkeypatc
 def line_tokens(cfg, sample_shards: Path, server: OpenAIServer) -> int:
     """One request's input tokens as the server's queue counts them."""
     from recaption.captioners import make_captioner
-    from recaption.shard import samples
+    from recaption.reading import samples
     from recaption.sources import list_shards
 
     captioner = make_captioner(cfg)

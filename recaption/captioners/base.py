@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from recaption.budget import Spend
 from recaption.config import PipelineConfig
 from recaption.errors import Rejected
 from recaption.images import PreparedImage
-from recaption.limits import EndpointLimits, Spend
+from recaption.limits import EndpointLimits
 from recaption.records import Caption, Metered, Usage
 
 

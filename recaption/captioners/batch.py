@@ -41,6 +41,7 @@ from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
 
 from recaption.captioners.base import Answer, CaptionFailure, CaptionResult, ShardJob, ShardPending
+from recaption.captioners.batch_queue import Queue, QueueQuota
 from recaption.captioners.batch_state import (
     LIVE,
     BatchState,
@@ -57,7 +58,6 @@ from recaption.captioners.openai import OpenAICaptioner, Retry, Tries
 from recaption.config import PipelineConfig, redacted
 from recaption.errors import BudgetSpent, Rejected
 from recaption.images import PreparedImage
-from recaption.limits import Queue, QueueQuota
 from recaption.records import Caption, Reason
 
 

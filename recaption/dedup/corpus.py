@@ -4,6 +4,7 @@ and the corpora of `dedup.against`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from recaption.config import PipelineConfig
-from recaption.corpus import DATA_DIR, CorpusStore
+from recaption.corpus import DATA_DIR, Committed, CorpusStore
 from recaption.dedup.fingerprint import Fingerprint
 from recaption.dedup.index import DedupIndex
 from recaption.dedup.shared import SharedIndex
@@ -132,3 +133,25 @@ async def seed(index: SharedIndex, sources: list[Iterator]) -> int:
         await index.seed(batch)
         count += len(batch)
     return count
+
+
+def run_index(
+    cfg: PipelineConfig, store: CorpusStore, committed: Committed, run_id: str, backend: Any
+) -> SharedIndex | None:
+    """The run's duplicate index, holding the first occurrences the corpus already has (a
+    resumed run) and those of `dedup.against`; None when the run looks for no duplicates."""
+    if cfg.dedup.mode == "off" or backend.answers_shards:
+        return None
+    earlier = [CorpusStore(path) for path in cfg.dedup.against]
+    for other in earlier:
+        check_against(cfg, other)
+    near = cfg.dedup.near
+    index = SharedIndex.start(
+        cfg.dedup.partitions, near.max_distance, near.enabled, f"recaption-dedup-{run_id}"
+    )
+    sources = [originals(other, prefix=f"against{i}:") for i, other in enumerate(earlier)]
+    if committed.ids:  # a resumed run: what it captioned before is reused, not paid again
+        sources.append(originals(store, committed.ids))
+    sources.append(journaled(store, skip=committed.ids))
+    asyncio.run(seed(index, sources))
+    return index
