@@ -18,9 +18,10 @@ A request reserves its estimated tokens (prompt + image tokens + max output, whi
 OpenAI and Azure count TPM) and `settle`s the difference once `usage` is known. Responses'
 `x-ratelimit-*` headers only ever lower the buckets (another client shares the key), or
 set the quota when the config leaves it open. A 429 pauses the endpoint for everyone for
-its `retry-after`. A worker sends the headers it reads at most every `REPORT_S` (one
-reading is the server's whole count) and its token refunds with its next lease, so that a
-request costs no limiter call of its own.
+its `retry-after`. A worker leases what it will send in the next `LEASE_AHEAD_S` at its
+recent rate, and its latest header reading (one reading is the server's whole count), its
+token refunds and any permits it never used ride on that lease: a request costs no limiter
+call of its own, and a lease serves several.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import ray
 
 LEASE_S = 0.1  # a lease holds at most this much of the quota, so a pause reaches all at once
 LEASE_TTL_S = 0.5  # permits unused this long go back: a worker does not sit on quota
-REPORT_S = 0.1  # a worker's header readings reach the limiter this often
+LEASE_AHEAD_S = 0.25  # a lease asks for this long of the worker's own recent demand
+LEASE_MAX = 16  # permits a worker asks for at once
 # The burst a bucket holds until a 429 says the server's window is shorter. A saturated
 # pipeline always has requests waiting, so a short burst costs it no quota; it only stops
 # a lull's savings going out at once into a server that counts per fraction of a second.
@@ -87,6 +89,10 @@ class TokenBucket:
         return need / self.rate if need > 1e-9 else 0.0  # float dust is not a wait
 
 
+# (headers, mark, token_mark, age_s): see EndpointLimiter.observe
+Reading = tuple[dict[str, str], int, int, float]
+
+
 @dataclass
 class Grant:
     permits: int  # requests that may be sent now
@@ -133,13 +139,27 @@ class EndpointLimiter:
             self.in_flight -= self.slots.popleft()[1]
         return self.max_in_flight - self.in_flight
 
-    def lease(self, want: int, tokens_each: int, refund: int = 0) -> Grant:
-        """Up to `want` permits of `tokens_each` tokens; `refund`: tokens the caller's
-        earlier requests did not use (or, negative, used beyond what they reserved)."""
+    def lease(
+        self,
+        want: int,
+        tokens_each: int,
+        refund: int = 0,
+        unused: int = 0,
+        reading: Reading | None = None,
+    ) -> Grant:
+        """Up to `want` permits of `tokens_each` tokens. What the caller learnt since its
+        last lease comes with it: `refund`, tokens its requests did not use (negative: used
+        beyond what they reserved); `unused`, permits it never sent (the server never
+        counted them); `reading`, its latest `x-ratelimit-*` headers."""
         now = self.clock()
         if refund:
             self.settle(refund)
         self._refill(now)
+        if unused and self.requests:
+            self.requests.level = min(self.requests.capacity, self.requests.level + unused)
+            self.granted -= unused
+        if reading is not None:
+            self.observe(*reading)
         if now < self.paused_until:
             wait = self.paused_until - now
             return Grant(0, tokens_each, wait, self.granted, self.granted_tokens, 0.0)
@@ -302,9 +322,11 @@ class Quota(Handle):
     """A worker's side of one endpoint's limiter, local or a `LimiterActor` handle.
 
     `try_acquire` returns a Permit, or the seconds to wait before trying again. Permits are
-    leased a few at a time (as many as coroutines are waiting, at most ~0.1 s of quota) and
-    expire if unused, so a pause announced by any worker stops every worker within a request.
-    `done` frees a permit's slot once its request is answered (endpoints with max_in_flight).
+    leased a few at a time (what this worker sends in `LEASE_AHEAD_S` at its recent rate,
+    and at least as many as coroutines are waiting; the limiter grants at most ~0.1 s of
+    the endpoint's quota) and go back if unused, so a pause announced by any worker stops
+    every worker within a request. `done` frees a permit's slot once its request is
+    answered (endpoints with max_in_flight).
     """
 
     def __init__(self, limiter: EndpointLimiter | Any, slots: bool = False):
@@ -315,8 +337,14 @@ class Quota(Handle):
         self.not_before = 0.0  # no lease before this: paused, or the limiter said to wait
         self.free = 1.0  # as of the last lease
         self.waiting = 0
-        self.refund = 0  # tokens to give back (negative: to charge), sent with the next lease
-        self.next_report = 0.0  # when the next header reading may go out
+        # what goes with the next lease: tokens to give back (negative: to charge), permits
+        # never sent, the latest header reading
+        self.refund = 0
+        self.unused = 0
+        self.reading: Reading | None = None  # its age_s: granted_at, in this process
+        self.taken = 0  # permits used since the last lease
+        self.last_lease = time.monotonic()
+        self.rate = 0.0  # permits a second this worker has been using
         self._lock = asyncio.Lock()
 
     async def try_acquire(self, tokens: int) -> Permit | float:
@@ -328,13 +356,11 @@ class Quota(Handle):
             async with self._lock:
                 now = time.monotonic()
                 if self.pocket and now < self.pocket_expires:
-                    return self.pocket.pop(0)
+                    return self._take()
                 if now < self.not_before:  # the limiter said when: no need to ask again
                     return self.not_before - now
                 self._return_pocket()
-                refund, self.refund = self.refund, 0
-                want = min(self.waiting, 16)
-                grant: Grant = await self.call("lease", want, tokens, refund)
+                grant: Grant = await self.call("lease", self._want(now), tokens, *self._news())
                 self.free = grant.free
                 if not grant.permits:
                     # One lease call per wait, not one per waiting coroutine. Where the quota
@@ -349,13 +375,37 @@ class Quota(Handle):
                     for i in range(n)
                 ]
                 self.pocket_expires = time.monotonic() + LEASE_TTL_S
-                return self.pocket.pop(0)
+                return self._take()
         finally:
             self.waiting -= 1
+
+    def _take(self) -> Permit:
+        self.taken += 1
+        return self.pocket.pop(0)
+
+    def _want(self, now: float) -> int:
+        """As many as are waiting, or what this worker will use in LEASE_AHEAD_S at the
+        rate it used permits since its last lease (smoothed), if more."""
+        elapsed = now - self.last_lease
+        if elapsed > 0:
+            recent = self.taken / elapsed
+            self.rate = recent if elapsed > LEASE_TTL_S else (self.rate + recent) / 2
+        self.taken, self.last_lease = 0, now
+        return max(1, min(LEASE_MAX, max(self.waiting, round(self.rate * LEASE_AHEAD_S))))
+
+    def _news(self) -> tuple[int, int, Reading | None]:
+        """What the limiter learns with this lease; each is sent once."""
+        reading = self.reading
+        if reading is not None:  # its age as of now: the limiter adds what refilled since
+            reading = (*reading[:3], time.monotonic() - reading[3])
+        news = (self.refund, self.unused, reading)
+        self.refund, self.unused, self.reading = 0, 0, None
+        return news
 
     def _return_pocket(self) -> None:
         if self.pocket:
             self.refund += sum(p.tokens for p in self.pocket)
+            self.unused += len(self.pocket)
             if self.slots:
                 self.tell("release", len(self.pocket))
             self.pocket = []
@@ -369,17 +419,15 @@ class Quota(Handle):
         self.refund += permit.tokens - tokens_used  # goes with the next lease
 
     def observe(self, headers: Mapping[str, str], permit: Permit) -> None:
-        now = time.monotonic()
-        if now < self.next_report:
-            return  # one reading a REPORT_S is enough: each is the server's whole count
+        """Keep the newest reading for the next lease: each is the server's whole count."""
         wanted = {k: v for k, v in headers.items() if k.startswith("x-ratelimit-")}
-        if wanted:
-            self.tell("observe", wanted, permit.mark, permit.token_mark, now - permit.granted_at)
-            self.next_report = now + REPORT_S
+        if wanted and (self.reading is None or permit.mark >= self.reading[1]):
+            self.reading = (wanted, permit.mark, permit.token_mark, permit.granted_at)
 
     def pause(self, seconds: float) -> None:
         self.not_before = max(self.not_before, time.monotonic() + seconds)
         if self.slots and self.pocket:
             self.tell("release", len(self.pocket))
-        self.pocket = []  # these were sent to nobody; the server never counted them
+        # sent to nobody, but not handed back: the buckets start empty after a pause
+        self.pocket = []
         self.tell("pause", seconds)

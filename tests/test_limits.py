@@ -176,28 +176,62 @@ def test_a_learnt_burst_halves_at_each_unforeseen_429_down_to_a_twentieth_of_a_s
     assert fixed.burst_s == 0.5  # set in the config: kept
 
 
-def test_a_worker_sends_refunds_with_its_next_lease_and_headers_at_most_every_report():
+def test_a_worker_sends_refunds_readings_and_unused_permits_with_its_next_lease():
     class Counting(EndpointLimiter):
-        observed = 0
+        def __init__(self, **kw) -> None:
+            super().__init__(**kw)
+            self.observed: list = []
 
         def observe(self, *args) -> None:
-            self.observed += 1
+            self.observed.append(args)
             super().observe(*args)
 
     async def go():
-        limiter = Counting(rpm=None, tpm=6_000_000)  # 100k tokens a second
+        limiter = Counting(rpm=60_000, tpm=6_000_000)  # 1,000 requests, 100k tokens a second
         quota = Quota(limiter)
         limiter.lease(1, 1)  # the first request starts the bucket
         await asyncio.sleep(0.05)
         permit = await quota.try_acquire(500)
         assert isinstance(permit, Permit)
         quota.settle(permit, 100)  # 400 unused: owed to the bucket, not a call of its own
-        for _ in range(5):  # a burst of replies: one reading reaches the limiter
-            quota.observe({"x-ratelimit-remaining-tokens": "99999"}, permit)
-        assert limiter.observed == 1 and quota.refund == 400
-        before = limiter.tokens.level
-        quota.pocket = []  # the next request leases again
+        for remaining in ("99999", "99000", "98000"):  # a burst of replies: no calls
+            quota.observe({"x-ratelimit-remaining-tokens": remaining}, permit)
+        assert limiter.observed == [] and quota.refund == 400
+        before_tokens, granted = limiter.tokens.level, limiter.granted
+        quota.pocket_expires = 0  # the pocket's permits were never sent: they go back
+        unsent = len(quota.pocket)
         await quota.try_acquire(1)
-        assert quota.refund == 0 and limiter.tokens.level >= before + 400 - 1 - 1e-6
+        assert quota.refund == 0 and quota.unused == 0 and quota.reading is None
+        assert len(limiter.observed) == 1  # the newest reading, once
+        headers, mark, _, age_s = limiter.observed[0]
+        assert headers == {"x-ratelimit-remaining-tokens": "98000"} and mark == permit.mark
+        assert age_s > 0
+        # the refund and the unsent permits' tokens are back, the new lease's taken out
+        taken = limiter.granted - (granted - unsent)
+        assert limiter.tokens.level >= before_tokens + 400 - taken - 1e-6
+
+    asyncio.run(go())
+
+
+def test_a_busy_worker_leases_ahead_of_its_demand():
+    async def go():
+        limiter = EndpointLimiter(rpm=600_000)  # never the limit here: leases of up to 16
+        quota = Quota(limiter)
+        calls = 0
+        lease = limiter.lease
+
+        def counting(*args):
+            nonlocal calls
+            calls += 1
+            return lease(*args)
+
+        limiter.lease = counting
+        limiter.lease(1, 1)
+        await asyncio.sleep(0.02)
+        for _ in range(400):  # one coroutine, a request every millisecond
+            assert isinstance(await quota.try_acquire(1), Permit)
+            await asyncio.sleep(0.001)
+        # one call a permit, at first; then what ~0.25 s of this demand needs (capped at 16)
+        assert calls < 400 / 4
 
     asyncio.run(go())
