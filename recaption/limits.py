@@ -21,7 +21,10 @@ set the quota when the config leaves it open. A 429 pauses the endpoint for ever
 its `retry-after`. A worker leases what it will send in the next `LEASE_AHEAD_S` at its
 recent rate, and its latest header reading (one reading is the server's whole count), its
 token refunds and any permits it never used ride on that lease: a request costs no limiter
-call of its own, and a lease serves several.
+call of its own, and a lease serves several. Where the quota binds, a lease also reserves
+permits up to `RESERVE_S` ahead, each with the moment it may be sent: a call's worth of
+permits goes out paced at the quota's rate, not as a burst, and workers call a few times a
+second, not once a request (a Ray actor call costs ~1-3 ms of CPU on each side).
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from typing import Any
 
 import ray
 
-LEASE_S = 0.1  # a lease holds at most this much of the quota, so a pause reaches all at once
-LEASE_TTL_S = 0.5  # permits unused this long go back: a worker does not sit on quota
-LEASE_AHEAD_S = 0.25  # a lease asks for this long of the worker's own recent demand
-LEASE_MAX = 16  # permits a worker asks for at once
+LEASE_S = 0.2  # a lease holds at most this much of the quota, so a pause reaches all soon
+RESERVE_S = 0.25  # a permit may be granted this long before it may be sent
+LEASE_TTL_S = 0.5  # permits unused this long past their moment go back: nobody sits on quota
+LEASE_AHEAD_S = 0.5  # a lease asks for this long of the worker's own recent demand
+LEASE_MAX = 32  # permits a worker asks for at once
 # The burst a bucket holds until a 429 says the server's window is shorter. A saturated
 # pipeline always has requests waiting, so a short burst costs it no quota; it only stops
 # a lull's savings going out at once into a server that counts per fraction of a second.
@@ -95,12 +99,13 @@ Reading = tuple[dict[str, str], int, int, float]
 
 @dataclass
 class Grant:
-    permits: int  # requests that may be sent now
+    permits: int  # requests granted
     tokens_each: int  # tokens reserved for each of them
     wait_s: float  # when permits == 0: ask again after this long (the pause, if paused)
     mark: int  # requests granted in the run up to and including this grant
     token_mark: int
     free: float = 1.0  # share of the burst (or slots) left after this grant, to pick endpoints
+    delays: tuple[float, ...] = ()  # per permit: seconds from now until it may be sent
 
 
 class EndpointLimiter:
@@ -165,17 +170,15 @@ class EndpointLimiter:
             return Grant(0, tokens_each, wait, self.granted, self.granted_tokens, 0.0)
         cap = max(1, int(self.requests.rate * LEASE_S)) if self.requests else want
         cap = int(min(want, cap, self._free_slots(now)))
-        permits = 0
-        while permits < cap:
-            if self.requests and self.requests.wait(1) > 0:
-                break
-            if self.tokens and self.tokens.wait(tokens_each) > 0:
-                break
+        delays: list[float] = []
+        while len(delays) < cap and (delay := self._delay(tokens_each)) <= RESERVE_S:
+            # the buckets go into debt for a reserved permit: the next one's moment is later
             if self.requests:
                 self.requests.level -= 1
             if self.tokens:
                 self.tokens.level -= tokens_each
-            permits += 1
+            delays.append(delay)
+        permits = len(delays)
         self.granted += permits
         self.granted_tokens += permits * tokens_each
         if permits and self.max_in_flight is not None:
@@ -184,15 +187,23 @@ class EndpointLimiter:
         wait = 0.0
         if not permits:
             wait = max(
-                self.requests.wait(1) if self.requests else 0.0,
-                self.tokens.wait(tokens_each) if self.tokens else 0.0,
+                self._delay(tokens_each) - RESERVE_S,
                 SLOT_WAIT_S if self._free_slots(now) <= 0 else 0.0,
             )
         shares = [max(0.0, b.level) / b.capacity for b in (self.requests, self.tokens) if b]
         if self.max_in_flight is not None:
             shares.append(max(0.0, self._free_slots(now)) / self.max_in_flight)
         free = min(shares, default=1.0)
-        return Grant(permits, tokens_each, wait, self.granted, self.granted_tokens, free)
+        return Grant(
+            permits, tokens_each, wait, self.granted, self.granted_tokens, free, tuple(delays)
+        )
+
+    def _delay(self, tokens_each: int) -> float:
+        """Seconds until the buckets hold one more request of `tokens_each` tokens."""
+        return max(
+            self.requests.wait(1) if self.requests else 0.0,
+            self.tokens.wait(tokens_each) if self.tokens else 0.0,
+        )
 
     def release(self, requests: int) -> None:
         """`requests` granted earlier are answered (or were never sent): their slots are free."""
@@ -315,7 +326,7 @@ class Permit:
     tokens: int  # reserved for this request
     mark: int
     token_mark: int
-    granted_at: float  # time.monotonic() in this process
+    granted_at: float  # time.monotonic() in this process at which it may be sent
 
 
 class Quota(Handle):
@@ -356,6 +367,8 @@ class Quota(Handle):
             async with self._lock:
                 now = time.monotonic()
                 if self.pocket and now < self.pocket_expires:
+                    if self.pocket[0].granted_at > now:  # reserved: not its moment yet
+                        return self.pocket[0].granted_at - now
                     return self._take()
                 if now < self.not_before:  # the limiter said when: no need to ask again
                     return self.not_before - now
@@ -371,10 +384,17 @@ class Quota(Handle):
                     return wait
                 n, each, now = grant.permits, grant.tokens_each, time.monotonic()
                 self.pocket = [
-                    Permit(each, grant.mark - n + 1 + i, grant.token_mark - (n - 1 - i) * each, now)
+                    Permit(
+                        each,
+                        grant.mark - n + 1 + i,
+                        grant.token_mark - (n - 1 - i) * each,
+                        now + grant.delays[i],
+                    )
                     for i in range(n)
                 ]
-                self.pocket_expires = time.monotonic() + LEASE_TTL_S
+                self.pocket_expires = now + grant.delays[-1] + LEASE_TTL_S
+                if self.pocket[0].granted_at > now:
+                    return self.pocket[0].granted_at - now
                 return self._take()
         finally:
             self.waiting -= 1

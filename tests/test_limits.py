@@ -17,15 +17,16 @@ class Clock:
 
 
 def drain(limiter: EndpointLimiter, clock: Clock, seconds: float, tokens: int = 1) -> int:
-    """Lease one permit at a time as soon as allowed, for `seconds`; returns permits granted."""
-    end, granted = clock.now + seconds, 0
+    """Lease one permit at a time and send it at its moment, for `seconds`; returns permits
+    sent within them."""
+    end, sent = clock.now + seconds, 0
     while clock.now < end:
         grant = limiter.lease(1, tokens)
-        granted += grant.permits
-        clock.now += grant.wait_s if not grant.permits else 0.0
         if not grant.permits and grant.wait_s == 0:
             pytest.fail("no permit and no wait")
-    return granted
+        clock.now += grant.delays[0] if grant.permits else grant.wait_s
+        sent += grant.permits and clock.now < end
+    return sent
 
 
 def test_rpm_is_used_in_full_and_never_exceeded():
@@ -72,15 +73,21 @@ def test_a_pause_stops_everyone_and_the_rate_resumes_without_a_burst():
     assert limiter.state()["pauses"] == 1
 
 
-def test_leases_hold_a_tenth_of_a_second_of_quota_at_most():
+def test_leases_hold_a_fifth_of_a_second_of_quota_reserved_at_its_pace():
     clock = Clock()
     fast = EndpointLimiter(rpm=60_000, tpm=None, clock=clock)  # 1000 a second
     slow = EndpointLimiter(rpm=600, tpm=None, clock=clock)
-    assert fast.lease(1, 1).permits == 0  # buckets start empty: no opening burst
-    assert slow.lease(1, 1).permits == 0
+    # buckets start empty (no opening burst): a lease reserves what comes, each permit at
+    # its moment, never a burst and never more than 0.2 s of quota
+    grant = fast.lease(500, 1)
+    assert grant.permits == 200
+    assert grant.delays == pytest.approx([(i + 1) / 1000 for i in range(200)])
+    assert slow.lease(8, 1).delays == pytest.approx((0.1, 0.2))
+    # reserved up to RESERVE_S ahead: the next lease waits until its permit is that close
+    later = slow.lease(8, 1)
+    assert later.permits == 0 and later.wait_s == pytest.approx(0.3 - 0.25)
     clock.now += 1
-    assert fast.lease(500, 1).permits == 100
-    assert slow.lease(8, 1).permits == 1
+    assert fast.lease(500, 1).delays == (0.0,) * 200  # saved up: sent now, up to the burst
 
 
 def test_headers_lower_the_buckets_and_teach_an_open_quota():

@@ -101,7 +101,8 @@ def test_faults_on_ray_every_key_once_and_paid_calls_accounted(ray_cluster, tmp_
     assert seen <= totals["requests"] <= seen + unseen
     assert totals["request_outcomes"]["rate_limited"] == kinds["rate_limit"]
     paid = sum(r["cost_usd"] for r in rows)
-    assert totals["cost_usd"] >= paid  # rejected rows' paid attempts are in the total too
+    # rejected rows' paid attempts are in the total too (1e-9: sums in another order)
+    assert totals["cost_usd"] >= paid - 1e-9
     assert totals["input_tokens"] >= sum(r["input_tokens"] for r in rows)
     # the key is nowhere in the corpus, the manifest included
     for path in corpus.rglob("*"):
