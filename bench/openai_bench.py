@@ -15,7 +15,8 @@ latency, and reads the server's request log:
   floor client CPU per request at 6,000 RPM (4 workers, 50 ms latency, 512-px JPEGs sent
         as they came, with dedup and without, and 768-px ones re-encoded to 512), side by
         side with a bare asyncio + httpx loop doing only the floor work on the same images
-        and server (target <= 1.5x); the shard pass's own timings per request beside it
+        and server (target <= 1.5x); with dedup also per image (a copy sends no request);
+        the shard pass's own timings per request beside it
 
     python bench/openai_bench.py                 # about 15 minutes
     python bench/openai_bench.py --seconds 70 --only rpm
@@ -259,12 +260,11 @@ class TreeCPU:
 
 
 def recaption_cpu(
-    server: Server, shards: Path, corpus: Path, limit: int | None, *extra: str
+    server: Server, shards: Path, corpus: Path, limit: int | None, rpm: int, *extra: str
 ) -> dict:
     cfg = pipeline(
-        server, shards, corpus, 4, f"limits.rpm={FLOOR_RPM}", "captioner.image.max_side=512",
-        *extra,
-    )  # fmt: skip
+        server, shards, corpus, 4, f"limits.rpm={rpm}", "captioner.image.max_side=512", *extra
+    )
     if limit is not None:
         cfg.input.limit = limit
     with TreeCPU({server.proc.pid}) as cpu:
@@ -275,10 +275,14 @@ def recaption_cpu(
     timings: Counter[str] = Counter()
     for report in summary.finished:
         timings.update(report.timings)
-    return {"cpu_s": cpu.cpu_s, "requests": requests, "wall_s": wall, "timings": timings}
+    images = sum(r.samples for r in summary.finished)
+    return {
+        "cpu_s": cpu.cpu_s, "requests": requests, "images": images, "wall_s": wall,
+        "timings": timings,
+    }  # fmt: skip
 
 
-def floor(workdir: Path, images: int) -> dict:
+def floor(workdir: Path, images: int, rpm: int = FLOOR_RPM) -> dict:
     """recaption and the bare loop on the same images and server; startup subtracted."""
     results = {}
     cases = (  # dedup off beside the first: what looking for duplicates costs
@@ -289,14 +293,14 @@ def floor(workdir: Path, images: int) -> dict:
     )
     for case, side, dedup in cases:
         shards = sized_shards(workdir / f"floor-{side}", images, side)
-        server = Server("--rpm", str(FLOOR_RPM), latency_ms=50)
+        server = Server("--rpm", str(rpm), latency_ms=50)
         name = case.replace(" ", "").replace(",", "-")
         try:
-            small = recaption_cpu(server, shards, workdir / f"floor-small-{name}", 5, dedup)
-            big = recaption_cpu(server, shards, workdir / f"floor-big-{name}", None, dedup)
+            small = recaption_cpu(server, shards, workdir / f"floor-small-{name}", 5, rpm, dedup)
+            big = recaption_cpu(server, shards, workdir / f"floor-big-{name}", None, rpm, dedup)
             bare = subprocess.run(
                 [sys.executable, str(ROOT / "bench/bare_client.py"), server.url, str(shards),
-                 "--rpm", str(FLOOR_RPM), *(["--resize", "512"] if side > 512 else [])],
+                 "--rpm", str(rpm), *(["--resize", "512"] if side > 512 else [])],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             stats = server.stats()
@@ -305,6 +309,9 @@ def floor(workdir: Path, images: int) -> dict:
         bare_figures = json.loads(bare.stdout)
         n = big["requests"] - small["requests"]
         ours = 1000 * (big["cpu_s"] - small["cpu_s"]) / n
+        # with dedup a copy costs no request: per image is the like-for-like figure (the
+        # bare loop sends one request an image)
+        per_image = 1000 * (big["cpu_s"] - small["cpu_s"]) / (big["images"] - small["images"])
         events = stats["events"]
         steps = {  # the per-request budget, as the shard pass times it (worker wall time)
             k.removesuffix("_s"): round(1000 * v / max(1, big["requests"]), 3)
@@ -315,6 +322,9 @@ def floor(workdir: Path, images: int) -> dict:
             "recaption_cpu_ms": ours,
             "bare_cpu_ms": bare_figures["cpu_ms_per_request"],
             "ratio": ours / bare_figures["cpu_ms_per_request"],
+            "recaption_cpu_ms_per_image": per_image,
+            "ratio_per_image": per_image / bare_figures["cpu_ms_per_request"],
+            "duplicates_share": 1 - big["requests"] / big["images"],
             "rpm_reached": 60 * big["requests"] / big["wall_s"],
             "share_429": sum(e["status"] == 429 for e in events) / len(events),
             "per_request_ms": steps,
@@ -330,6 +340,7 @@ def main() -> None:
         "--only", choices=["rpm", "tpm", "storm", "quantized", "floor"], action="append"
     )
     parser.add_argument("--floor-images", type=int, default=6000)
+    parser.add_argument("--floor-rpm", type=int, default=FLOOR_RPM, help="the floor's quota")
     parser.add_argument(
         "--quantized-rpm", type=int, default=3000, help="the highest RPM this machine sustains"
     )
@@ -353,7 +364,7 @@ def main() -> None:
             rpm = args.quantized_rpm
             results[f"{rpm} rpm per 0.5 s, 4 workers"] = quantized(workdir, 4, 40, rpm)
         if "floor" in todo:
-            for case, figures in floor(workdir, args.floor_images).items():
+            for case, figures in floor(workdir, args.floor_images, args.floor_rpm).items():
                 results[f"floor, {case}"] = figures
     ray.shutdown()
     print()

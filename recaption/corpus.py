@@ -325,6 +325,12 @@ class CorpusStore:
         return corpus_lock(self.local)
 
 
+def warm_writer() -> None:
+    """pyarrow imports pandas at its first table (~1 s of CPU): a worker pays that at its
+    start, not at its first row group, on the event loop, with requests in flight."""
+    pa.Table.from_pylist([], schema=DATA_SCHEMA)
+
+
 class _PartWriter:
     """Row-grouped Parquet writer to `.NAME.tmp`, renamed to NAME on commit."""
 

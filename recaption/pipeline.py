@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 import os
 import platform
@@ -33,7 +34,7 @@ from recaption.budget import run_budget, spent_line
 from recaption.captioners import ShardPending, backend_of, captioner_identity, make_captioner
 from recaption.captioners.batch_queue import QueueActor
 from recaption.config import PipelineConfig, RayConfig, redacted
-from recaption.corpus import Committed, CorpusStore
+from recaption.corpus import Committed, CorpusStore, warm_writer
 from recaption.dedup import SharedIndex
 from recaption.dedup.corpus import run_index
 from recaption.errors import BudgetSpent, CaptionerFatal, ConfigError, RunError
@@ -81,6 +82,10 @@ class ShardWorker:
         self.pool = image_pool(cfg)  # prepares the images of all its shards
         self.index = index  # the run's duplicate index
         self.done: Counter[str] = Counter()
+        warm_writer()
+        # what start-up made lives as long as the worker: out of the collector's sight, so
+        # that collections while captioning walk only what captioning allocates
+        gc.freeze()
         self.cpu_started = _cpu_s()
 
     def _tick(self, usage: Usage, rejected: bool) -> None:
@@ -303,7 +308,7 @@ def _run(
                     f"{gpus:g} GPUs; set it to 0 to run on CPUs"
                 )
         run_id = uuid.uuid4().hex[:8]
-        index = run_index(cfg, store, committed, run_id, backend)
+        index = run_index(cfg, store, committed, run_id)
         # one limiter per endpoint, shared by every worker of this run
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         limiters = {  # on the driver's node, which lives as long as the run

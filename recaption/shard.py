@@ -1,7 +1,7 @@
 """The shard pass: one input shard in, its two corpus files out. The one per-sample path.
 
     prepared_chunks(shard): read ─▶ prepare, in threads ── (a Rejected: a rejected/ row)
-      ─▶ dedup claim, a chunk at a time: a copy waits for its first occurrence's caption
+      ─▶ dedup claim, CLAIM_BATCH at a time: a copy waits for its first occurrence's caption
       ─▶ the journal has its answer? replay it, no call
       ─▶ answer(): captioner.caption, or the answer `settle` gave ─▶ validate
       ─▶ write: a data/ row and a journal line
@@ -28,7 +28,7 @@ import resource
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -42,13 +42,14 @@ from recaption.dedup.corpus import DuplicateImage, local_index, phash_column, re
 from recaption.errors import BudgetSpent, CaptionerFatal, Rejected
 from recaption.images import PreparedImage
 from recaption.journal import Journal
-from recaption.reading import Timer, image_pool, prepared_chunks, samples
+from recaption.reading import PREPARE_CHUNK, Timer, image_pool, prepared_chunks, samples
 from recaption.records import Caption, CaptionRecord, Reason, Rejection, ShardReport, Stage, Usage
 from recaption.sources import Sample, Shard
 from recaption.validation import validate_caption
 
 _TRUNCATION = {Reason.truncated_member, Reason.missing_from_tar}
 OnSample = Callable[[Usage, bool], None]  # (what the sample cost, rejected?) as it is written
+CLAIM_BATCH = 64  # samples claimed at once from the run's dedup index: a call is ~1-3 ms of CPU
 
 
 async def answer(
@@ -119,9 +120,10 @@ class ShardPass:
         self.deferred = 0  # samples left unanswered at the spend cap
         self.prior: ShardReport | None = None  # a recommit: the report it starts from
         # the run's duplicate index (a local one for a pass on its own); None: dedup is off
-        looks = cfg.dedup.mode != "off" and not captioner.answers_shards
+        looks = cfg.dedup.mode != "off"
         self.index = (index or local_index(cfg)) if looks else None
         self.originals: set[str] = set()  # keys claimed first: their duplicates wait on them
+        self.copies: set[str] = set()  # left out of the shard's batch: they reuse a caption
         self.waiting = asyncio.Semaphore(4 * cfg.limits.concurrency)  # duplicates waiting
         self.duplicates: Counter[str] = Counter()
         self.saved_usd = 0.0
@@ -136,17 +138,11 @@ class ShardPass:
 
         try:
             skip = self.carry_over() if self.retry is not None else None
+            if self.captioner.answers_shards and self.index is not None:
+                await self.plan_copies(skip)
             # a backend that answers whole shards does so first; the pass below writes them
             answers = await self.captioner.settle(self.job())
-            image_cfg = self.cfg.captioner.image
-            depth = 2 * image_cfg.threads  # every thread busy, and one chunk more each
-            kind = (
-                None if self.index is None else "near" if self.cfg.dedup.near.enabled else "exact"
-            )
-            chunks = prepared_chunks(
-                self.shard, image_cfg, self.pool, self.timer, skip, depth, kind
-            )
-            async for chunk in chunks:
+            async for chunk in self.chunks(skip):
                 if self.deferred:  # the spend cap: send nothing more, let the rest land
                     break
                 claims = await self.claim(chunk)
@@ -158,7 +154,12 @@ class ShardPass:
                         self.reject(sample, image)
                     elif sample.key in self.journal.answered:
                         self.replay(sample, image, self.journal.answered[sample.key])
-                    elif (claim := claims.get(sample.key)) is not None and claim.kind != "new":
+                    elif (
+                        (claim := claims.get(sample.key)) is not None
+                        and claim.kind != "new"
+                        and sample.key not in answers  # a batch answered it: paid, its own
+                        and (not self.captioner.answers_shards or sample.key in self.copies)
+                    ):
                         # waits for its first occurrence's caption without holding a request
                         # slot (that caption may be waiting for one)
                         await self.waiting.acquire()
@@ -175,6 +176,8 @@ class ShardPass:
                         # images are read and prepared, not only once the in-flight bound is hit
                         await asyncio.sleep(0)
             await asyncio.gather(*tasks)
+            if self.index is not None:
+                self.index.flush()  # the last answers, for copies waiting on other workers
             if self.deferred:
                 raise BudgetSpent(f"shard {self.shard.id}: {self.deferred} samples wait")
             with self.timer("write"):
@@ -207,7 +210,32 @@ class ShardPass:
             record = self.write(sample, image, result, caption)
         await self.answered(sample, record)
 
+    def chunks(self, skip: Callable[[str], bool] | None) -> AsyncIterator[list]:
+        """The shard's samples with their prepared images (and fingerprints, when looking
+        for duplicates: then CLAIM_BATCH at a time), in shard order."""
+        image_cfg = self.cfg.captioner.image
+        depth = 2 * image_cfg.threads  # every thread busy, and one chunk more each
+        kind = None if self.index is None else "near" if self.cfg.dedup.near.enabled else "exact"
+        if kind:  # a claim batch's worth more, prepared while the last batch goes out
+            depth += CLAIM_BATCH // PREPARE_CHUNK
+        chunks = prepared_chunks(self.shard, image_cfg, self.pool, self.timer, skip, depth, kind)
+        return batched(chunks, CLAIM_BATCH) if kind else chunks
+
     # -- duplicates (dedup.mode reuse | reject) ---------------------------------------------------
+
+    async def plan_copies(self, skip: Callable[[str], bool] | None) -> None:
+        """A backend that answers whole shards (the Batch API): claim the shard's images
+        before its batch is written. A copy whose first occurrence has its caption, or is
+        in this shard (its answer comes with this batch), is left out of the batch and
+        reuses it; a copy of one still pending in another shard's batch is asked (a batch
+        may take hours: waiting for it would hold this shard as long). With several shards
+        in batches at once, a resumed run may claim in another order and ask such a copy
+        it left out before: once, never a key twice."""
+        async for chunk in self.chunks(skip):
+            for key, claim in (await self.claim(chunk)).items():
+                here = claim.original is not None and claim.original.startswith(f"{self.shard.id}/")
+                if claim.kind != "new" and (claim.caption is not None or here):
+                    self.copies.add(key)
 
     def _index_key(self, key: str) -> str:
         return f"{self.shard.id}/{key}"  # keys are unique within a shard only
@@ -251,7 +279,7 @@ class ShardPass:
     async def duplicate(self, sample: Sample, image: PreparedImage, claim: Claim) -> None:
         started = time.perf_counter()
         assert self.index is not None
-        first = await self.index.caption(claim.original, self.cfg.dedup.wait_s)
+        first = claim.caption or await self.index.caption(claim.original, self.cfg.dedup.wait_s)
         if first is None:  # its first occurrence got no caption (or is lost): ask this one
             self.originals.add(sample.key)
             await self.in_flight.acquire()
@@ -391,9 +419,11 @@ class ShardPass:
     def unanswered(self, skip: Callable[[str], bool]) -> Iterator[tuple[str, PreparedImage]]:
         """Prepared images the journal holds no answer for; unreadable and undecodable ones
         are left to the pass, which rejects them."""
-        answered = self.journal.answered
+        answered, copies = self.journal.answered, self.copies
         for sample, image in samples(
-            self.shard, self.cfg.captioner.image, skip=lambda key: key in answered or skip(key)
+            self.shard,
+            self.cfg.captioner.image,
+            skip=lambda key: key in answered or key in copies or skip(key),
         ):
             if not isinstance(image, Rejected):
                 yield sample.key, image
@@ -448,3 +478,15 @@ def process_shard(
             await captioner.aclose()  # its connections belong to this event loop
 
     return asyncio.run(once())
+
+
+async def batched(chunks: AsyncIterator[list], n: int) -> AsyncIterator[list]:
+    """Chunks joined into batches of at least `n` items (the last one may hold fewer)."""
+    batch: list = []
+    async for chunk in chunks:
+        batch.extend(chunk)
+        if len(batch) >= n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

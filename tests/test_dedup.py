@@ -181,6 +181,30 @@ def test_kill_9_mid_run_then_resume_pays_each_picture_once(dup_shards, tmp_path)
     assert verify(corpus, str(shards)).ok
 
 
+def test_the_batch_api_leaves_copies_out_of_its_batches(ray_cluster, dup_shards, tmp_path):
+    from test_batch import batch_config
+
+    shards, made = dup_shards
+    corpus = tmp_path / "batch"
+    with OpenAIServer(api_key=KEY) as server:
+        # one shard at a time: each shard's batch is answered before the next is planned,
+        # so every copy finds its first occurrence answered or in its own shard's batch (a
+        # copy of one pending in another shard's live batch is asked: batches take hours)
+        one = "captioner.batch.shards_per_worker=1"
+        run(batch_config(server, shards, corpus, one), show_progress=False)
+        submitted = server.batch_api.submitted
+    assert len(submitted) == sum(submitted.values()) == made["distinct"]
+    assert_invariant(corpus, expected_keys(shards))
+    rows = pq.read_table(corpus / "data").to_pylist()
+    copies = [r for r in rows if r["duplicate_of"]]
+    assert len(copies) == made["exact"] + made["near"]
+    assert all(r["cost_usd"] == 0 and r["attempts"] == 0 for r in copies)
+    by_key = {r["key"]: r for r in rows}
+    assert all(r["caption"] == by_key[r["duplicate_of"]]["caption"] for r in copies)
+    totals = json.loads((corpus / "manifest.json").read_text())["totals"]
+    assert totals["requests"] == made["distinct"] and totals["saved_usd"] > 0
+
+
 def test_estimate_counts_exact_copies_from_the_download_hashes(dup_shards):
     from recaption.estimate import estimate, lines
 

@@ -112,6 +112,21 @@ def test_rejected_original_hands_over():
     assert index.caption_of("d") is None and index.caption_of("c") == {"caption": "x"}
 
 
+def test_a_claim_carries_the_caption_of_an_answered_original():
+    index = DedupIndex()
+    a, near = _fp(1, 0xF0F0), _fp(2, 0xF0F1)
+    assert index.claim([("a", a)]) == [Claim("new")]
+    pending = index.claim([("b", a)])[0]
+    assert pending == Claim("exact", "a") and pending.caption is None  # b waits for it
+    index.answered_many([("a", {"caption": "x"})])
+    exact, close = index.claim([("c", a), ("d", near)])
+    assert (exact, close) == (Claim("exact", "a"), Claim("near", "a", 1))
+    assert exact.caption == close.caption == {"caption": "x"}  # no wait, no poll
+    # exact matching only: a partition settles a claim in one call, no near round
+    exact_only = DedupIndex(near=False)
+    assert exact_only.claim_exact([("a", a), ("b", a)]) == [Claim("new"), Claim("exact", "a")]
+
+
 def test_seed_and_caption_through_links():
     index = DedupIndex()
     index.seed([("old", _fp(1, 0xFF00), {"caption": "earlier corpus"})])
@@ -166,7 +181,11 @@ def test_shared_caption_waits_and_times_out(ray_cluster):
         waiting = asyncio.create_task(shared.caption("a", timeout_s=10))
         await asyncio.sleep(0.2)
         await shared.answered("a", {"caption": "hello"})
+        assert shared.outbox  # sent with the others answered within FLUSH_S, not alone
         assert await waiting == {"caption": "hello"}
+        assert not shared.outbox
+        copy = (await shared.claim([("c", fp)]))[0]
+        assert copy == Claim("exact", "a") and copy.caption == {"caption": "hello"}
         # a fresh handle (as unpickled in a worker) knows nothing yet and still finds it
         import pickle
 

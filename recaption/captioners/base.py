@@ -62,7 +62,7 @@ class ShardJob:
 class Captioner:
     backend: ClassVar[str]
     paid: ClassVar[bool] = False  # a metered, billed API: estimate counts tokens and dollars
-    # answers whole shards before their pass (`settle`): the pass looks for no duplicates
+    # answers whole shards before their pass (`settle`): copies are found before it
     answers_shards: ClassVar[bool] = False
     model: str
     prompt_version: str

@@ -136,11 +136,11 @@ async def seed(index: SharedIndex, sources: list[Iterator]) -> int:
 
 
 def run_index(
-    cfg: PipelineConfig, store: CorpusStore, committed: Committed, run_id: str, backend: Any
+    cfg: PipelineConfig, store: CorpusStore, committed: Committed, run_id: str
 ) -> SharedIndex | None:
     """The run's duplicate index, holding the first occurrences the corpus already has (a
     resumed run) and those of `dedup.against`; None when the run looks for no duplicates."""
-    if cfg.dedup.mode == "off" or backend.answers_shards:
+    if cfg.dedup.mode == "off":
         return None
     earlier = [CorpusStore(path) for path in cfg.dedup.against]
     for other in earlier:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import zlib
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Literal
 
@@ -33,9 +33,12 @@ class Claim:
     kind: Literal["new", "exact", "near"]
     original: str | None = None  # key of the first occurrence (None for "new")
     distance: int = 0  # Hamming distance (phash) for near
+    # the original's caption when it was answered already: no call to wait for it
+    caption: dict | None = field(default=None, compare=False)
 
 
 NEW = Claim("new")
+Hit = tuple[int, str, dict | None]  # a near match: (distance, original key, its caption)
 
 
 def pack(caption: dict) -> bytes:
@@ -154,6 +157,11 @@ class DedupIndex:
             return
         self._forget(idx)
 
+    def answered_many(self, items: list[tuple[str, dict | None]]) -> None:
+        """`answered` for a batch: a worker sends its answers a few times a second."""
+        for key, caption in items:
+            self.answered(key, caption)
+
     def seed(self, items: list[tuple[str, Fingerprint, dict]]) -> None:
         for key, fp, caption in items:
             if key in self.by_key or fp.digest in self.by_sha:
@@ -212,7 +220,12 @@ class DedupIndex:
             owner = self.by_sha.get(fp.digest)
             if owner is not None:
                 self.counts["exact"] += 1
-                out.append(Claim("exact", self.keys[owner]))
+                out.append(Claim("exact", self.keys[owner], caption=self._caption_now(owner)))
+                continue
+            if not self.near:  # exact only: nothing to search, the claim is settled here
+                self._register(key, fp, WAITING)
+                self.counts["new"] += 1
+                out.append(NEW)
                 continue
             self._register(key, fp, PENDING)
             out.append(None)
@@ -220,9 +233,9 @@ class DedupIndex:
 
     def near_lookup(
         self, queries: list[tuple[int, int, bool]], exclude: str | None = None
-    ) -> list[tuple[int, str] | None]:
+    ) -> list[Hit | None]:
         """The nearest stored original within max_distance on both hashes, as (distance,
-        key), for each (phash, dhash, near_ok) query."""
+        key, its caption if answered), for each (phash, dhash, near_ok) query."""
         if not self.near:
             return [None] * len(queries)
         out: list[tuple[int, str] | None] = []
@@ -238,12 +251,12 @@ class DedupIndex:
                         continue
                     if self.keys[idx] == exclude:
                         continue
-                    if best is None or (d, self.keys[idx]) < best:
-                        best = (d, self.keys[idx])
-            out.append(best)
+                    if best is None or (d, self.keys[idx]) < best[:2]:
+                        best = (d, self.keys[idx], idx)
+            out.append(None if best is None else (*best[:2], self._caption_now(best[2])))
         return out
 
-    def settle(self, items: list[tuple[str, int, bool, tuple[int, str] | None]]) -> list[Claim]:
+    def settle(self, items: list[tuple[str, int, bool, Hit | None]]) -> list[Claim]:
         """Finish claims registered by claim_exact: (key, phash, near_ok, nearest or None)."""
         out = []
         for key, phash, ok, hit in items:
@@ -255,7 +268,7 @@ class DedupIndex:
                 self.status[idx] = LINKED
                 self.links[idx] = (hit[1], hit[0])
                 self.counts["near"] += 1
-                out.append(Claim("near", hit[1], hit[0]))
+                out.append(Claim("near", hit[1], hit[0], hit[2]))
                 continue
             self.status[idx] = WAITING
             if self.near and ok:
@@ -277,6 +290,10 @@ class DedupIndex:
         self.by_key[key] = idx
         self.by_sha[digest] = idx
         return idx
+
+    def _caption_now(self, idx: int) -> dict | None:
+        """The caption a copy of entry `idx` reuses, if there is one yet (through links)."""
+        return self.caption_of(self.keys[idx])
 
     def _previous(self, idx: int) -> Claim | None:
         st = self.status[idx]
