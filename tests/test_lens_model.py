@@ -72,3 +72,20 @@ def test_the_loss_uses_the_configured_timesteps():
     }
     assert all(torch.isfinite(v) for v in losses.values())
     assert len({round(v.item(), 6) for v in losses.values()}) == len(losses)  # other t each
+
+
+def test_the_x0_weighting_is_the_error_of_the_implied_clean_image():
+    """x0 = x_t - t v, so 3 t^2 times the squared velocity error is 3x the x0 error."""
+    from recaption.lens.flow import loss_weight
+
+    torch.manual_seed(0)
+    t = torch.rand(6)
+    x0, noise, v_hat = torch.randn(3, 6, 3, 4, 4).unbind(0)
+    tb = t.view(-1, 1, 1, 1)
+    xt = (1 - tb) * x0 + tb * noise
+    x0_error = (xt - tb * v_hat - x0).pow(2)
+    weighted = loss_weight(t, "x0") * (v_hat - (noise - x0)).pow(2)
+    assert torch.allclose(weighted, 3 * x0_error, atol=1e-5)
+    assert loss_weight(t, "velocity") == 1.0
+    assert load_lens_config("cpu").loss_weight == "x0"
+    assert load_lens_config("tiny").loss_weight == "velocity"

@@ -99,6 +99,8 @@ class LensConfig(Strict):
     # flow timesteps: logit_normal (SD3), uniform, or mixed (half each)
     timesteps: Literal["logit_normal", "uniform", "mixed"] = "logit_normal"
     timestep_shift: float = Field(1.0, gt=0, description="SD3 shift; > 1: noisier timesteps")
+    # velocity: the plain flow loss; x0: weighted by 3t^2, the error of the implied clean image
+    loss_weight: Literal["velocity", "x0"] = "velocity"
     seed: int = 0
     device: str = "auto"  # auto: cuda if available, else cpu
     log_every: int = Field(10, ge=1)
@@ -120,6 +122,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 32,
         "lr": 3e-3,
         "warmup_steps": 50,
+        # the third pass (bisection from a probe): uniform timesteps train the noisy end
+        # where the caption decides the scene, and the x0-weighted loss stops the clean end
+        # from taking the gradient
+        "timesteps": "uniform",
+        "loss_weight": "x0",
     },
     # for one GPU: 64x64 pixels, ~44M parameters
     "small": {

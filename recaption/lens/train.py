@@ -143,7 +143,14 @@ def train(
                 group["lr"] = lr
             with autocast:
                 loss = flow_loss(
-                    model, x0, text.tokens, text.mask, noise, cfg.timesteps, cfg.timestep_shift
+                    model,
+                    x0,
+                    text.tokens,
+                    text.mask,
+                    noise,
+                    cfg.timesteps,
+                    cfg.timestep_shift,
+                    cfg.loss_weight,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
