@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from recaption.config import ImageConfig
-from recaption.dedup import Claim, DedupIndex, SharedIndex, fingerprint
+from recaption.dedup import Claim, DedupIndex, Fingerprint, SharedIndex, fingerprint
+from recaption.dedup.index import TAIL_MAX
 from recaption.images import prepare
 from recaption.samples import _load_photos
 from recaption.scenes import SAMPLES, SCENES, random_scene, render
@@ -196,3 +197,60 @@ def test_shared_caption_waits_and_times_out(ray_cluster):
         asyncio.run(run())
     finally:
         shared.shutdown()
+
+
+def test_near_lookup_finds_what_a_scan_finds():
+    """The vectorised multi-index against a brute-force scan, across tail merges, with
+    planted copies at every distance around the threshold and forgotten originals."""
+    rng = random.Random(11)
+    index = DedupIndex(max_distance=10)
+    stored = [
+        (f"s{i}", rng.getrandbits(64), rng.getrandbits(64))
+        for i in range(2 * TAIL_MAX + TAIL_MAX // 2)
+    ]
+    for i in range(0, len(stored), 500):  # claims of 500 cross the tail's merges
+        index.claim(
+            [
+                (k, Fingerprint(f"{n:064x}", p, d))
+                for n, (k, p, d) in enumerate(stored[i : i + 500], i)
+            ]
+        )
+    forgotten = {k for k, _, _ in rng.sample(stored, 200)}
+    for key in forgotten:
+        index.answered(key, None)
+
+    def flip(x: int, bits: int) -> int:
+        for b in rng.sample(range(64), bits):
+            x ^= 1 << b
+        return x
+
+    queries = []
+    for _ in range(400):
+        _, p, d = rng.choice(stored)
+        queries.append((flip(p, rng.randint(0, 13)), flip(d, rng.randint(0, 12)), True))
+    queries += [(rng.getrandbits(64), rng.getrandbits(64), True) for _ in range(100)]
+    queries.append((stored[0][1], stored[0][2], False))  # not trusted for near matching
+    found = index.near_lookup(queries)
+    for (p, d, ok), hit in zip(queries, found, strict=True):
+        scan = min(
+            (
+                ((p ^ sp).bit_count(), key)
+                for key, sp, sd in stored
+                if key not in forgotten
+                and (p ^ sp).bit_count() <= 10
+                and (d ^ sd).bit_count() <= 10
+            ),
+            default=None,
+        )
+        assert (hit[:2] if hit else None) == (scan if ok else None)
+    assert sum(h is not None for h in found) > 150  # the planted copies within reach
+
+
+def test_near_copies_inside_one_batch_link_to_the_first():
+    index = DedupIndex()
+    a, b, c = _fp(1, 0xF0F0), _fp(2, 0xF0F3), _fp(3, 0xF0F0 ^ (1 << 40))
+    assert index.claim([("a", a), ("b", b), ("c", c)]) == [
+        Claim("new"),
+        Claim("near", "a", 2),
+        Claim("near", "a", 1),
+    ]

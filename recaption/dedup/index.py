@@ -3,8 +3,10 @@
 Near search is multi-index hashing over the 64-bit phash: split into `m` blocks; a hash within
 distance d of a stored one has, by pigeonhole, some block within floor(d/m) bits of the stored
 block, so probing those few block values finds every candidate; candidates are then checked on
-the full phash and dhash. Memory per entry is kept small: the sha as 32 raw bytes, hashes in
-`array('Q')`, block buckets as `array('I')` of entry numbers, captions as zlib'd JSON.
+the full phash and dhash. Probes and checks run in numpy, a claim batch at a time: in Python a
+lookup cost ~0.7 ms at 100k entries and grew with the table (~8,000 candidates at a million).
+Memory per entry is kept small: the sha as 32 raw bytes, hashes in `array('Q')`, the blocks as
+direct-address tables of entry numbers, captions as zlib'd JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Literal
 
+import numpy as np
+
 from recaption.dedup.fingerprint import Fingerprint
 
 # entry states
@@ -25,7 +29,8 @@ LINKED = 2  # a near duplicate of another original (its exact copies follow the 
 ANSWERED = 3
 REJECTED = 4  # answered without a caption: forgotten, the next claimer becomes the original
 EXPECTED_ENTRIES = 1_000_000  # what a partition is sized for when choosing the block split
-CANDIDATE_COST = 0.25  # a candidate's check, per dict probe (measured: a set update, two popcounts)
+MAX_BLOCK_BITS = 20  # a block's table has 2**bits + 1 offsets: 4 MiB at 20 bits
+TAIL_MAX = 4096  # entries scanned directly before they are merged into the block tables
 
 
 @dataclass(frozen=True)
@@ -53,64 +58,115 @@ def _popcount(x: int) -> int:
     return x.bit_count()
 
 
+def is_near(a: Fingerprint, b: Fingerprint, max_distance: int) -> bool:
+    return (
+        _popcount(a.phash ^ b.phash) <= max_distance
+        and _popcount(a.dhash ^ b.dhash) <= max_distance
+    )
+
+
+def link_within(
+    items: list[tuple[str, Fingerprint]], fresh: list[int], hits: list[Hit | None], d: int
+) -> None:
+    """Near copies inside one claim batch (which the lookup, made before the batch settles,
+    cannot see): a later one becomes a duplicate of an earlier one that is new."""
+    originals: list[tuple[str, Fingerprint]] = []
+    for j, i in enumerate(fresh):
+        key, fp = items[i]
+        if hits[j] is not None or not fp.near_ok:
+            continue
+        match = next((o for o in originals if is_near(o[1], fp, d)), None)
+        if match is None:
+            originals.append((key, fp))
+        else:
+            hits[j] = (_popcount(match[1].phash ^ fp.phash), match[0], None)
+
+
 def block_split(max_distance: int, expected: int = EXPECTED_ENTRIES) -> int:
-    """The number of blocks that makes a lookup cheapest: probes (dict lookups) plus the
-    candidates they return in a table of `expected` uniformly spread hashes."""
+    """The number of blocks that makes a lookup cheapest: probes plus the candidates they
+    return in a table of `expected` uniformly spread hashes (both one vector element)."""
 
     def cost(m: int) -> float:
         bits, radius = 64 // m, max_distance // m
         probes = m * sum(len(list(combinations(range(bits), r))) for r in range(radius + 1))
-        return probes * (1 + CANDIDATE_COST * expected / 2**bits)
+        return probes * (1 + expected / 2**bits)
 
-    return min(range(2, min(max_distance, 8) + 2), key=cost) if max_distance else 1
+    fits = [m for m in range(2, 17) if 64 - 64 // m * (m - 1) <= MAX_BLOCK_BITS]
+    return min(fits, key=cost)
 
 
 class MultiIndex:
-    """Entry numbers by phash block, for the Hamming search."""
+    """Entry numbers by phash block, for the Hamming search.
+
+    Block b is a direct-address table: the entries whose block value is v are
+    `ids[b][starts[b][v]:starts[b][v + 1]]`. New entries wait in a short tail that every
+    lookup scans whole; at TAIL_MAX they are merged in (a copy of the table, no sort)."""
 
     def __init__(self, max_distance: int):
         self.m = block_split(max_distance)
-        self.width = 64 // self.m  # the last block takes the remaining bits
-        widths = [self.width] * (self.m - 1) + [64 - self.width * (self.m - 1)]
-        self.shifts = [64 - sum(widths[: i + 1]) for i in range(self.m)]
-        self.masks = [(1 << w) - 1 for w in widths]
+        width = 64 // self.m  # the last block takes the remaining bits
+        widths = [width] * (self.m - 1) + [64 - width * (self.m - 1)]
+        self.shifts = [np.uint64(64 - sum(widths[: i + 1])) for i in range(self.m)]
+        self.masks = [np.uint64((1 << w) - 1) for w in widths]
         radius = max_distance // self.m
         # every XOR pattern of at most `radius` bits inside each block
         self.probes = [
-            [
-                sum(1 << b for b in bits)
-                for r in range(radius + 1)
-                for bits in combinations(range(w), r)
-            ]
+            np.array(
+                [
+                    sum(1 << b for b in bits)
+                    for r in range(radius + 1)
+                    for bits in combinations(range(w), r)
+                ],
+                dtype=np.uint64,
+            )
             for w in widths
         ]
-        self.tables: list[dict[int, array]] = [{} for _ in range(self.m)]
-
-    def _blocks(self, phash: int) -> list[int]:
-        return [(phash >> s) & k for s, k in zip(self.shifts, self.masks, strict=True)]
+        self.starts = [np.zeros((1 << w) + 1, dtype=np.int64) for w in widths]
+        self.ids = [np.zeros(0, dtype=np.int32) for _ in widths]  # entries < 2**31 a partition
+        self.tail, self.tail_phash = array("q"), array("Q")
+        self.size = 0
 
     def add(self, idx: int, phash: int) -> None:
-        for table, value in zip(self.tables, self._blocks(phash), strict=True):
-            bucket = table.get(value)
-            if bucket is None:
-                table[value] = bucket = array("I")
-            bucket.append(idx)
+        self.tail.append(idx)
+        self.tail_phash.append(phash)
+        self.size += 1
+        if len(self.tail) >= TAIL_MAX:
+            self._merge()
 
-    def remove(self, idx: int, phash: int) -> None:
-        for table, value in zip(self.tables, self._blocks(phash), strict=True):
-            bucket = table.get(value)
-            if bucket is not None and idx in bucket:
-                bucket.remove(idx)
+    def _merge(self) -> None:
+        ids, phash = np.array(self.tail, dtype=np.int32), np.array(self.tail_phash, np.uint64)
+        for b in range(self.m):
+            values = ((phash >> self.shifts[b]) & self.masks[b]).astype(np.int64)
+            order = np.argsort(values, kind="stable")
+            # each new entry goes to the end of its value's run
+            self.ids[b] = np.insert(self.ids[b], self.starts[b][values[order] + 1], ids[order])
+            counts = np.bincount(values, minlength=len(self.starts[b]) - 1)
+            self.starts[b][1:] += np.cumsum(counts)
+        self.tail, self.tail_phash = array("q"), array("Q")
 
-    def candidates(self, phash: int) -> set[int]:
-        found: set[int] = set()
-        for table, value, probes in zip(self.tables, self._blocks(phash), self.probes, strict=True):
-            get = table.get
-            for p in probes:
-                bucket = get(value ^ p)
-                if bucket:
-                    found.update(bucket)
-        return found
+    def candidates(self, phash: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query position, entry number) pairs that may lie within the radius of the
+        queries' phashes: the block tables' probes plus the whole tail. Pairs may repeat."""
+        n = len(phash)
+        pos, found = [], []
+        for b in range(self.m):
+            values = ((phash >> self.shifts[b]) & self.masks[b])[:, None] ^ self.probes[b][None]
+            values = values.ravel().astype(np.int64)
+            lo, hi = self.starts[b][values], self.starts[b][values + 1]
+            counts = hi - lo
+            total = int(counts.sum())
+            if not total:
+                continue
+            # the runs lo[i]..hi[i] laid end to end
+            at = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(total)
+            found.append(self.ids[b][at])
+            pos.append(np.repeat(np.arange(n).repeat(len(self.probes[b])), counts))
+        if self.tail:
+            found.append(np.tile(np.array(self.tail, dtype=np.int64), n))
+            pos.append(np.arange(n).repeat(len(self.tail)))
+        if not found:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(pos), np.concatenate(found)
 
 
 class DedupIndex:
@@ -137,14 +193,22 @@ class DedupIndex:
     # --- one process ----------------------------------------------------------------------
 
     def claim(self, items: list[tuple[str, Fingerprint]]) -> list[Claim]:
-        out = []
-        for key, fp in items:
-            done = self.claim_exact([(key, fp)])[0]
-            if done is None:
-                hit = self.near_lookup([(fp.phash, fp.dhash, fp.near_ok)], exclude=key)[0]
-                done = self.settle([(key, fp.phash, fp.near_ok, hit)])[0]
-            out.append(done)
-        return out
+        """The three rounds a partitioned claim makes, in one process."""
+        out = self.claim_exact(items)
+        fresh = [i for i, c in enumerate(out) if c is None]
+        if fresh:
+            fps = [items[i][1] for i in fresh]
+            hits = self.near_lookup([(fp.phash, fp.dhash, fp.near_ok) for fp in fps])
+            link_within(items, fresh, hits, self.max_distance)
+            settled = self.settle(
+                [
+                    (items[i][0], fp.phash, fp.near_ok, h)
+                    for i, fp, h in zip(fresh, fps, hits, strict=True)
+                ]
+            )
+            for i, c in zip(fresh, settled, strict=True):
+                out[i] = c
+        return out  # type: ignore[return-value]
 
     def answered(self, key: str, caption: dict | None) -> None:
         idx = self.by_key.get(key)
@@ -231,29 +295,34 @@ class DedupIndex:
             out.append(None)
         return out
 
-    def near_lookup(
-        self, queries: list[tuple[int, int, bool]], exclude: str | None = None
-    ) -> list[Hit | None]:
+    def near_lookup(self, queries: list[tuple[int, int, bool]]) -> list[Hit | None]:
         """The nearest stored original within max_distance on both hashes, as (distance,
         key, its caption if answered), for each (phash, dhash, near_ok) query."""
-        if not self.near:
-            return [None] * len(queries)
-        out: list[tuple[int, str] | None] = []
-        for phash, dhash, ok in queries:
-            best = None
-            if ok:
-                for idx in self.multi.candidates(phash):
-                    d = _popcount(self.phash[idx] ^ phash)
-                    if (
-                        d > self.max_distance
-                        or _popcount(self.dhash[idx] ^ dhash) > self.max_distance
-                    ):
-                        continue
-                    if self.keys[idx] == exclude:
-                        continue
-                    if best is None or (d, self.keys[idx]) < best[:2]:
-                        best = (d, self.keys[idx], idx)
-            out.append(None if best is None else (*best[:2], self._caption_now(best[2])))
+        out: list[Hit | None] = [None] * len(queries)
+        asked = [j for j, q in enumerate(queries) if q[2]]
+        if not self.near or not asked or not self.multi.size:
+            return out
+        qp = np.array([queries[j][0] for j in asked], dtype=np.uint64)
+        qd = np.array([queries[j][1] for j in asked], dtype=np.uint64)
+        pos, idx = self.multi.candidates(qp)
+        # views of the growing arrays, dropped before anything appends to them
+        phash, dhash = np.frombuffer(self.phash, np.uint64), np.frombuffer(self.dhash, np.uint64)
+        status = np.frombuffer(self.status, np.uint8)
+        d = np.bitwise_count(phash[idx] ^ qp[pos])
+        near = (d <= self.max_distance) & (
+            np.bitwise_count(dhash[idx] ^ qd[pos]) <= self.max_distance
+        )
+        near &= status[idx] != REJECTED  # a forgotten original stays in the tables, unused
+        del phash, dhash, status
+        best: dict[int, tuple[int, str, int]] = {}
+        for p, i, dist in zip(
+            pos[near].tolist(), idx[near].tolist(), d[near].tolist(), strict=True
+        ):
+            hit = (dist, self.keys[i], i)
+            if p not in best or hit[:2] < best[p][:2]:
+                best[p] = hit
+        for p, (dist, key, i) in best.items():
+            out[asked[p]] = (dist, key, self._caption_now(i))
         return out
 
     def settle(self, items: list[tuple[str, int, bool, Hit | None]]) -> list[Claim]:
@@ -306,9 +375,7 @@ class DedupIndex:
 
     def _forget(self, idx: int) -> None:
         """An original that got no caption: its fingerprint is free for the next claimer."""
-        if self.status[idx] != LINKED:
-            self.multi.remove(idx, self.phash[idx])
-        self.status[idx] = REJECTED
+        self.status[idx] = REJECTED  # near_lookup skips it
         self.links.pop(idx, None)
         # by_key keeps it: a duplicate waiting on this key learns it was rejected
         self.by_sha.pop(self.digests[idx], None)

@@ -23,16 +23,12 @@ from typing import Any
 import ray
 
 from recaption.dedup.fingerprint import Fingerprint
-from recaption.dedup.index import Claim, DedupIndex, Hit
+from recaption.dedup.index import Claim, DedupIndex, Hit, link_within
 
 DedupActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(DedupIndex)
 HOMES_KEPT = 1_000_000  # keys whose partition a handle remembers; beyond it, it asks them all
 MAX_LINKS = 8  # near links followed to reach a caption
 FLUSH_S = 0.25  # a worker's answers wait at most this long to go out together
-
-
-def _popcount(x: int) -> int:
-    return x.bit_count()
 
 
 class SharedIndex:
@@ -132,7 +128,8 @@ class SharedIndex:
             if best is not None:
                 self._remember(best[0][1], best[1])
             hits.append(best[0] if best else None)
-        self._within_batch(items, fresh, hits)
+        if self.max_distance is not None:
+            link_within(items, fresh, hits, self.max_distance)
         groups: dict[int, list[int]] = defaultdict(list)
         for j, i in enumerate(fresh):
             groups[self.home(items[i][1])].append(j)
@@ -157,30 +154,6 @@ class SharedIndex:
         for js, claims in zip(groups.values(), settled, strict=True):
             for j, c in zip(js, claims, strict=True):
                 out[fresh[j]] = c
-
-    def _within_batch(
-        self,
-        items: list[tuple[str, Fingerprint]],
-        fresh: list[int],
-        hits: list[Hit | None],
-    ) -> None:
-        """Near copies inside one batch: a later one is a duplicate of an earlier new one."""
-        if self.max_distance is None:
-            return
-        originals: list[Fingerprint] = []
-        keys: list[str] = []
-        for j, i in enumerate(fresh):
-            key, fp = items[i]
-            if hits[j] is not None or not fp.near_ok:
-                continue
-            for okey, ofp in zip(keys, originals, strict=True):
-                d = _popcount(ofp.phash ^ fp.phash)
-                if d <= self.max_distance and _popcount(ofp.dhash ^ fp.dhash) <= self.max_distance:
-                    hits[j] = (d, okey, None)
-                    break
-            else:
-                originals.append(fp)
-                keys.append(key)
 
     async def answered(self, key: str, caption: dict | None) -> None:
         """Sent within FLUSH_S with the others answered meanwhile, not awaited: Ray runs one
