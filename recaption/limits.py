@@ -358,44 +358,52 @@ class Quota(Handle):
         self.rate = 0.0  # permits a second this worker has been using
         self._lock = asyncio.Lock()
 
-    async def try_acquire(self, tokens: int) -> Permit | float:
+    async def try_acquire(self, tokens: int, wait: bool = True) -> Permit | float:
+        """A permit, or the seconds to wait before asking again. A permit reserved for a
+        moment at most RESERVE_S away is waited for here, in line (`wait`), so the other
+        coroutines queue on the lock instead of all sleeping to the same moment and all but
+        one finding it gone: with 32 waiters that herd cost ~2 ms of CPU a request.
+        `wait=False` returns the seconds instead (a pool with other endpoints to try)."""
         now = time.monotonic()
         if now < self.not_before:
             return self.not_before - now
         self.waiting += 1
         try:
             async with self._lock:
-                now = time.monotonic()
-                if self.pocket and now < self.pocket_expires:
-                    if self.pocket[0].granted_at > now:  # reserved: not its moment yet
-                        return self.pocket[0].granted_at - now
-                    return self._take()
-                if now < self.not_before:  # the limiter said when: no need to ask again
-                    return self.not_before - now
-                self._return_pocket()
-                grant: Grant = await self.call("lease", self._want(now), tokens, *self._news())
-                self.free = grant.free
-                if not grant.permits:
-                    # One lease call per wait, not one per waiting coroutine. Where the quota
-                    # binds, let a lease's worth accrue (the bucket keeps it) rather than ask
-                    # again for each permit: W workers polling per permit cost W calls each.
-                    wait = grant.wait_s + (0.0 if self.slots else LEASE_S)
-                    self.not_before = time.monotonic() + wait
-                    return wait
-                n, each, now = grant.permits, grant.tokens_each, time.monotonic()
-                self.pocket = [
-                    Permit(
-                        each,
-                        grant.mark - n + 1 + i,
-                        grant.token_mark - (n - 1 - i) * each,
-                        now + grant.delays[i],
-                    )
-                    for i in range(n)
-                ]
-                self.pocket_expires = now + grant.delays[-1] + LEASE_TTL_S
-                if self.pocket[0].granted_at > now:
-                    return self.pocket[0].granted_at - now
-                return self._take()
+                while True:
+                    now = time.monotonic()
+                    if self.pocket and now < self.pocket_expires:
+                        ahead = self.pocket[0].granted_at - now
+                        if ahead <= 0:
+                            return self._take()
+                        if not wait:
+                            return ahead
+                        await asyncio.sleep(ahead)
+                        continue  # a pause may have emptied the pocket meanwhile
+                    if now < self.not_before:  # the limiter said when: no need to ask again
+                        return self.not_before - now
+                    self._return_pocket()
+                    grant: Grant = await self.call("lease", self._want(now), tokens, *self._news())
+                    self.free = grant.free
+                    if not grant.permits:
+                        # One lease call per wait, not one per waiting coroutine. Where the
+                        # quota binds, let a lease's worth accrue (the bucket keeps it) rather
+                        # than ask again for each permit: W workers polling per permit cost W
+                        # calls each.
+                        wait_s = grant.wait_s + (0.0 if self.slots else LEASE_S)
+                        self.not_before = time.monotonic() + wait_s
+                        return wait_s
+                    n, each, now = grant.permits, grant.tokens_each, time.monotonic()
+                    self.pocket = [
+                        Permit(
+                            each,
+                            grant.mark - n + 1 + i,
+                            grant.token_mark - (n - 1 - i) * each,
+                            now + grant.delays[i],
+                        )
+                        for i in range(n)
+                    ]
+                    self.pocket_expires = now + grant.delays[-1] + LEASE_TTL_S
         finally:
             self.waiting -= 1
 

@@ -226,8 +226,9 @@ class EndpointPool:
                 await asyncio.sleep(min(max(soonest, 0.05), 1.0))
                 continue
             waits = []
+            alone = len(healthy) == 1  # nothing else to try: wait in line for its permit
             for endpoint in sorted(healthy, key=lambda e: -e.quota.free):
-                got = await endpoint.quota.try_acquire(tokens)
+                got = await endpoint.quota.try_acquire(tokens, wait=alone)
                 if isinstance(got, Permit):
                     return endpoint, got
                 waits.append(got)
