@@ -242,3 +242,41 @@ def test_a_busy_worker_leases_ahead_of_its_demand():
         assert calls < 400 / 4
 
     asyncio.run(go())
+
+
+def test_coroutines_wait_in_line_for_reserved_permits_instead_of_polling():
+    """32 coroutines of one worker on a binding quota: each permit is asked for about once
+    (they queue on the quota), not once per waiting coroutine, and sends keep the pace."""
+    from recaption.captioners.endpoints import Endpoint, EndpointPool
+    from recaption.config import CaptionerConfig, EndpointConfig
+
+    async def go() -> tuple[int, list[float]]:
+        quota = Quota(EndpointLimiter(rpm=6_000))  # 100 a second: leases reserve ahead
+        asks = 0
+        ask = quota.try_acquire
+
+        async def counted(*args, **kwargs):
+            nonlocal asks
+            asks += 1
+            return await ask(*args, **kwargs)
+
+        quota.try_acquire = counted
+        pool = EndpointPool([Endpoint(EndpointConfig(name="a"), quota, CaptionerConfig())])
+        sent: list[float] = []
+        end = asyncio.get_running_loop().time() + 1.5
+
+        async def worker() -> None:
+            while asyncio.get_running_loop().time() < end:
+                _, permit = await pool.acquire(1)
+                sent.append(permit.granted_at)
+                quota.done(permit)
+
+        await asyncio.gather(*(worker() for _ in range(32)))
+        return asks, sent
+
+    asks, sent = asyncio.run(go())
+    assert len(sent) > 100
+    assert asks < 3 * len(sent)  # polling: ~32 asks a permit
+    paced = sorted(sent)
+    span = paced[-1] - paced[10]
+    assert (len(paced) - 11) / span < 100 * 1.1  # the quota's pace, not a burst
