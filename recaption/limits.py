@@ -334,9 +334,10 @@ class Quota(Handle):
 
     `try_acquire` returns a Permit, or the seconds to wait before trying again. Permits are
     leased a few at a time (what this worker sends in `LEASE_AHEAD_S` at its recent rate,
-    and at least as many as coroutines are waiting; the limiter grants at most ~0.1 s of
-    the endpoint's quota) and go back if unused, so a pause announced by any worker stops
-    every worker within a request. `done` frees a permit's slot once its request is
+    and at least as many as coroutines are waiting; the limiter grants at most `LEASE_S` of
+    the endpoint's quota, each permit with its moment) and go back if unused, so a pause
+    announced by any worker stops every worker within a request. Coroutines wait in line
+    for reserved permits, one at a time. `done` frees a permit's slot once its request is
     answered (endpoints with max_in_flight).
     """
 
