@@ -2,13 +2,15 @@
 scene corpus: steps/s and the prompt-following curve at 2, 5 and 10 minutes of training.
 
     python bench/lens_bench.py [--minutes 10] [--scenes 2000] [--n 4] [--out runs/bench-lens]
+                               [--configs before,after]
 
 Makes the ablation's corpus (`recaption scenes`, captioned by the offline analyzer), then for
 each configuration trains for the wall time, stopping at 20%, 50% and 100% of it (2, 5 and
 10 minutes at the default `--minutes 10`) to score the EMA weights on the held-out prompts in
 the dense and the paraphrase style; evaluation time is not training time (the run resumes
 from its checkpoint). `before`: `tiny` with the settings the ablation used before (batch 32,
-40 caption tokens); `after`: the `cpu` preset. Prints one table and writes
+40 caption tokens); `after`: the `cpu` preset; `third_pass` and `x_prediction`: the
+settings the causes ablation measured against it. Prints one table and writes
 OUT/bench.json. Torch uses the threads it is given (`OMP_NUM_THREADS`, `--threads`).
 """
 
@@ -31,6 +33,9 @@ from recaption.lens.train import train
 CONFIGS = {
     "before": ("tiny", ["batch_size=32", "text.max_tokens=40"]),
     "after": ("cpu", []),
+    # the third pass's preset, and it with x-prediction (docs/ablation/causes.md)
+    "third_pass": ("cpu", ["timesteps=uniform", "loss_weight=x0"]),
+    "x_prediction": ("cpu", ["timesteps=uniform", "loss_weight=x0", "model.prediction=x0"]),
 }
 MARKS = (0.2, 0.5, 1.0)  # of --minutes: 2, 5 and 10 minutes at the default
 
@@ -105,12 +110,18 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="images per prompt at each mark")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--out", default="runs/bench-lens")
+    parser.add_argument(
+        "--configs", default="before,after", help=f"comma-separated, of {', '.join(CONFIGS)}"
+    )
     args = parser.parse_args()
+    names = args.configs.split(",")
+    if bad := [n for n in names if n not in CONFIGS]:
+        parser.error(f"unknown config {bad[0]!r}; choose from {', '.join(CONFIGS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     corpus = make_corpus(out, args.scenes)
-    results = {name: bench_config(name, corpus, out, args.minutes, args.n) for name in CONFIGS}
+    results = {name: bench_config(name, corpus, out, args.minutes, args.n) for name in names}
     print(f"\nLens trainer, {torch.get_num_threads()} threads, {args.minutes:g} min per config:")
     print(
         "| config | steps/s | samples/s | "

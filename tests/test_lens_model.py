@@ -87,5 +87,29 @@ def test_the_x0_weighting_is_the_error_of_the_implied_clean_image():
     weighted = loss_weight(t, "x0") * (v_hat - (noise - x0)).pow(2)
     assert torch.allclose(weighted, 3 * x0_error, atol=1e-5)
     assert loss_weight(t, "velocity") == 1.0
-    assert load_lens_config("cpu").loss_weight == "x0"
+    assert load_lens_config("cpu", ["loss_weight=x0"]).loss_weight == "x0"
     assert load_lens_config("tiny").loss_weight == "velocity"
+
+
+def test_x_prediction_returns_the_velocity_of_the_clean_image_it_draws():
+    """`prediction: x0`: the network draws the clean image and forward returns the velocity
+    that leads to it, so one Euler step of size t lands on the network's image; a config
+    saved before the option (no key) still predicts the velocity."""
+    from recaption.lens.model import MIN_T
+
+    torch.manual_seed(0)
+    cfg = load_lens_config("cpu", [*SMALL, "model.prediction=x0"]).model
+    assert load_lens_config("cpu").model.prediction == "velocity"
+    x_pred = MMDiT(cfg, text_dim=12, text_layers=3)
+    v_pred = MMDiT(cfg.model_copy(update={"prediction": "velocity"}), text_dim=12, text_layers=3)
+    for p in x_pred.parameters():  # adaLN-Zero outputs 0 at init; wake it up
+        torch.nn.init.normal_(p, std=0.05)
+    v_pred.load_state_dict(x_pred.state_dict())  # the same network, read two ways
+    x, text = torch.randn(4, 3, 32, 32), torch.randn(4, 5, 12)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    t = torch.tensor([1.0, 0.6, 0.2, 0.01])
+    drawn = v_pred(x, t, text, mask)  # the raw network output: x-prediction's clean image
+    v = x_pred(x, t, text, mask)
+    tb = t.clamp(min=MIN_T).view(-1, 1, 1, 1)
+    assert torch.allclose(x - tb * v, drawn, atol=1e-5)
+    assert torch.allclose(v[0], x[0] - drawn[0], atol=1e-5)  # at pure noise: v = e - x0

@@ -41,6 +41,9 @@ class ModelConfig(Strict):
     mlp_ratio: float = Field(4.0, gt=0)
     # joint: one LayerNorm over the concatenated text layers; layer: one per encoder layer
     text_norm: Literal["joint", "layer"] = "joint"
+    # what the network outputs: the velocity, or the clean image x0 (x-prediction, JiT), from
+    # which the velocity follows; either way MMDiT.forward returns the velocity
+    prediction: Literal["velocity", "x0"] = "velocity"
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
@@ -112,9 +115,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~2.8M parameters; about 0.8 s per batch of 64 on 2 CPU cores
     "tiny": {"name": "tiny"},
     # the CPU preset: `tiny`'s model with what the causes ablation measured
-    # (docs/ablation/causes.md): lr 3e-3 (0.076 -> 0.101 dense at 300 steps), a short warm-up,
-    # batch 32 and the 40 caption tokens that name the shapes (3x the steps of batch 64 with
-    # 64 tokens), each MiniLM layer normalised on its own (as Lens and SD3 normalise text)
+    # (docs/ablation/causes.md): lr 3e-3 with a short warm-up, batch 32 and the 40 caption
+    # tokens that name the shapes (3x the steps of batch 64 with 64 tokens), each MiniLM layer
+    # normalised on its own (as Lens and SD3 normalise text). The fourth pass measured it at
+    # 10 minutes: the third pass's uniform timesteps and x0-weighted loss, with or without
+    # x-prediction, learn slower than tiny's own logit-normal velocity loss, so those stay
+    # options, not the preset
     "cpu": {
         "name": "cpu",
         "model": {"text_norm": "layer"},
@@ -122,11 +128,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 32,
         "lr": 3e-3,
         "warmup_steps": 50,
-        # the third pass (bisection from a probe): uniform timesteps train the noisy end
-        # where the caption decides the scene, and the x0-weighted loss stops the clean end
-        # from taking the gradient
-        "timesteps": "uniform",
-        "loss_weight": "x0",
     },
     # for one GPU: 64x64 pixels, ~44M parameters
     "small": {

@@ -3,10 +3,17 @@
 Each stream (text, image) has its own weights (norms, QKV, output projection, MLP) and its
 own adaLN-Zero modulation from the conditioning vector (timestep + pooled text); only the
 attention is shared, over the concatenated sequence. Image tokens are patches with fixed 2-D
-sine-cosine positions; the final layer predicts the velocity of each patch.
+sine-cosine positions; the final layer predicts each patch (its velocity, or its clean pixels).
 
 The model works on whatever `x` is: pixels here. A latent autoencoder would sit outside it,
 turning images into `x` and back (`channels` is the seam).
+
+The network outputs the velocity, or (`prediction: x0`) the clean image, from which the
+velocity follows: v = (x_t - x0) / t, as JiT ("Back to Basics: Let Denoising Generative Models
+Denoise") does in pixel space, where at high noise the velocity is mostly the noise itself.
+Under uniform timesteps and the x0-weighted loss it draws the caption's colours on clean
+backgrounds within a few hundred steps where the velocity draws nothing; at 10 minutes it did
+not beat `tiny`'s logit-normal velocity loss (docs/ablation/causes.md, fourth pass).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from recaption.lens.config import ModelConfig
+
+MIN_T = 0.05  # x-prediction: the velocity (x_t - x0) / t is taken at t >= MIN_T
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -146,7 +155,7 @@ class MMDiT(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """x: [B, C, H, W]; t: [B] in [0, 1]; text: [B, T, D]; mask: [B, T] real tokens.
-        Returns the predicted velocity, shaped like x."""
+        Returns the predicted velocity, shaped like x, whatever the network predicts."""
         b = x.shape[0]
         img = self.patch_in(self.patchify(x)) + self.pos
         if self.cfg.text_norm == "joint":
@@ -162,7 +171,11 @@ class MMDiT(nn.Module):
         for block in self.blocks:
             txt, img = block(txt, img, c, keep)
         shift, scale = self.final_adaln(c).chunk(2, dim=-1)
-        return self.unpatchify(self.patch_out(modulate(self.final_norm(img), shift, scale)))
+        out = self.unpatchify(self.patch_out(modulate(self.final_norm(img), shift, scale)))
+        if self.cfg.prediction == "velocity":
+            return out
+        # the clamp bounds the velocity of nearly clean inputs, where x0 ~ x_t anyway
+        return (x - out) / t.view(-1, 1, 1, 1).to(x.dtype).clamp(min=MIN_T)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         b, c, _, _ = x.shape
