@@ -8,10 +8,10 @@ from typing import Any
 
 import ray
 
+from recaption.actors import Handle
 from recaption.config import PipelineConfig
 from recaption.corpus import Committed, CorpusStore
 from recaption.errors import BudgetSpent
-from recaption.limits import Handle
 
 
 class Budget:

@@ -4,8 +4,9 @@ import asyncio
 
 import pytest
 
-from recaption.limits import EndpointLimiter, Permit, Quota
+from recaption.limits import EndpointLimiter
 from recaption.pricing import PRICES, Price, image_tokens, price_for
+from recaption.quota import Permit, Quota
 
 
 class Clock:

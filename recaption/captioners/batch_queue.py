@@ -7,7 +7,7 @@ from typing import Any
 
 import ray
 
-from recaption.limits import Handle
+from recaption.actors import Handle
 
 
 class QueueQuota:

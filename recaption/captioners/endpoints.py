@@ -17,7 +17,8 @@ import openai
 
 from recaption.config import CaptionerConfig, EndpointConfig, LimitsConfig
 from recaption.errors import CaptionerFatal, ConfigError
-from recaption.limits import EndpointLimits, Permit, Quota
+from recaption.limits import EndpointLimits
+from recaption.quota import Permit, Quota
 
 DEFAULT_MODEL = "gpt-4.1"
 BENCH_AFTER = 5  # consecutive transport failures before an endpoint is benched

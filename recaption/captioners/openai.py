@@ -57,8 +57,9 @@ from recaption.captioners.prompt import (
 from recaption.config import EndpointConfig, PipelineConfig
 from recaption.errors import CaptionerFatal, Rejected
 from recaption.images import PreparedImage
-from recaption.limits import EndpointLimiter, EndpointLimits, Permit, Quota
+from recaption.limits import EndpointLimiter, EndpointLimits
 from recaption.pricing import Price, image_tokens, price_for
+from recaption.quota import Permit, Quota
 from recaption.records import Caption, Reason, Usage
 from recaption.validation import REFUSALS
 
