@@ -9,8 +9,10 @@ each configuration trains for the wall time, stopping at 20%, 50% and 100% of it
 10 minutes at the default `--minutes 10`) to score the EMA weights on the held-out prompts in
 the dense and the paraphrase style; evaluation time is not training time (the run resumes
 from its checkpoint). `before`: `tiny` with the settings the ablation used before (batch 32,
-40 caption tokens); `after`: the `cpu` preset; `third_pass` and `x_prediction`: the
-settings the causes ablation measured against it. Prints one table and writes
+40 caption tokens); `after`: the `cpu` preset (its cosine lr schedule ends at the
+steps a short calibration run says the machine makes in `--minutes`); `fourth_pass`: it
+with the constant lr the fourth pass used; `third_pass` and `x_prediction`: the settings
+the causes ablation measured against it. Prints one table and writes
 OUT/bench.json. Torch uses the threads it is given (`OMP_NUM_THREADS`, `--threads`).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -33,6 +36,8 @@ from recaption.lens.train import train
 CONFIGS = {
     "before": ("tiny", ["batch_size=32", "text.max_tokens=40"]),
     "after": ("cpu", []),
+    # the fourth pass's preset: constant lr after the warm-up (the fifth pass adds the cosine)
+    "fourth_pass": ("cpu", ["lr_schedule=constant"]),
     # the third pass's preset, and it with x-prediction (docs/ablation/causes.md)
     "third_pass": ("cpu", ["timesteps=uniform", "loss_weight=x0"]),
     "x_prediction": ("cpu", ["timesteps=uniform", "loss_weight=x0", "model.prediction=x0"]),
@@ -65,12 +70,31 @@ def train_seconds(run_dir: Path) -> float:
     )
 
 
+def calibrate_steps(
+    preset: str, settings: list[str], corpus: Path, out: Path, seconds: float
+) -> int:
+    """The steps this machine takes in `seconds`, from a short run of the config: a decaying
+    lr schedule must end where the time budget does."""
+    cfg = load_lens_config(preset, [*settings, "steps=60", "sample.every=0", "sample.steps=1"])
+    run_dir = out / "calibrate"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    train(str(corpus), cfg, run_dir, cache_dir=out / "text-cache", progress=False)
+    rows = RunDir(run_dir).read_metrics()
+    rate = float(np.mean([r["steps_per_s"] for r in rows if r["step"] > 20]))
+    shutil.rmtree(run_dir)
+    return max(1, int(rate * seconds))
+
+
 def bench_config(name: str, corpus: Path, out: Path, minutes: float, n: int) -> dict:
     preset, settings = CONFIGS[name]
-    # a stop writes a sample grid: keep it cheap, it is counted as training time
-    fixed = ["steps=1000000", "sample.every=0", "sample.per_prompt=1", "sample.steps=4"]
-    cfg = load_lens_config(preset, [*settings, *fixed])
     run_dir, cache = out / name, out / "text-cache"
+    steps = 1_000_000  # the time budget stops the run
+    if load_lens_config(preset, settings).lr_schedule != "constant":
+        steps = calibrate_steps(preset, settings, corpus, out, minutes * 60)
+        print(f"  {name}: its lr schedule ends at step {steps} ({minutes:g} min here)")
+    # a stop writes a sample grid: keep it cheap, it is counted as training time
+    fixed = [f"steps={steps}", "sample.every=0", "sample.per_prompt=1", "sample.steps=4"]
+    cfg = load_lens_config(preset, [*settings, *fixed])
     points = []
     for mark in MARKS:
         # training time is the steps' own time (metrics), not start-up, sampling or scoring
@@ -97,6 +121,8 @@ def bench_config(name: str, corpus: Path, out: Path, minutes: float, n: int) -> 
         "preset": preset,
         "settings": settings,
         "batch_size": cfg.batch_size,
+        "lr_schedule": cfg.lr_schedule,
+        "schedule_steps": steps if cfg.lr_schedule != "constant" else None,
         "steps_per_s": float(np.mean(warm)),
         "samples_per_s": float(np.mean(warm)) * cfg.batch_size,
         "points": points,

@@ -109,7 +109,11 @@ def add_lens_commands(sub: Any) -> None:
     )
     p = lens.add_parser("train", help="train a small MMDiT on a corpus (resumes a killed run)")
     p.add_argument("--corpus", required=True, help="corpus folder or URI (s3://...)")
-    p.add_argument("--config", default="tiny", help="preset: tiny (CPU) or small (one GPU)")
+    p.add_argument(
+        "--config",
+        default="tiny",
+        help="preset: cpu (the fastest learner on a CPU), tiny (as it was) or small (one GPU)",
+    )
     p.add_argument("--out", help="run folder (default runs/lens-CONFIG)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ from recaption.lens.data import DROPPED, CorpusStream
 from recaption.lens.model import MMDiT
 from recaption.lens.sample import generate, load_run
 from recaption.lens.text import TextEncoder
-from recaption.lens.train import train
+from recaption.lens.train import learning_rate, train
 from recaption.pipeline import run
 from recaption.samples import write_samples
 
@@ -88,6 +89,19 @@ def test_loss_is_finite_and_falls_when_overfitting(corpus, cache, tmp_path):
     assert (out / "samples" / "step-0000080.png").exists()
     metrics = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     assert len(metrics) == 80
+
+
+def test_the_cosine_schedule_warms_up_then_falls_to_zero_at_the_last_step(corpus, cache, tmp_path):
+    c = cfg("steps=12", "lr=1e-3", "warmup_steps=3", "lr_schedule=cosine")
+    train(str(corpus), c, tmp_path / "run", cache, progress=False)
+    logged = [json.loads(line)["lr"] for line in _lines(tmp_path / "run" / "metrics.jsonl")]
+    assert logged == pytest.approx([learning_rate(c, step) for step in range(12)])
+    assert logged[0] < logged[1] < logged[2]  # the warm-up
+    assert all(a > b for a, b in itertools.pairwise(logged[2:]))  # then only down
+    assert logged[-1] < 0.02 * c.lr
+    # the constant schedule after the same warm-up
+    flat = cfg("steps=12", "lr=1e-3", "warmup_steps=3")
+    assert [learning_rate(flat, step) for step in range(2, 12)] == [1e-3] * 10
 
 
 def test_a_killed_run_resumes_with_the_uninterrupted_next_losses(corpus, cache, tmp_path):

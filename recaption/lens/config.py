@@ -96,6 +96,9 @@ class LensConfig(Strict):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
+    # after the warm-up: constant, or a cosine from lr down to 0 at `steps` (set `steps` to
+    # what the run will reach: a run stopped early by time never gets the low-lr end)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
@@ -128,6 +131,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 32,
         "lr": 3e-3,
         "warmup_steps": 50,
+        "lr_schedule": "cosine",
     },
     # for one GPU: 64x64 pixels, ~44M parameters
     "small": {

@@ -69,6 +69,15 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p, 1 - decay)
 
 
+def learning_rate(cfg: LensConfig, step: int) -> float:
+    """The lr of step `step` (0-based): a linear warm-up, then constant or a cosine to 0 at
+    `cfg.steps`. A function of the step alone, so a resumed run goes on where it stopped."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.lr_schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.steps)))
+    return lr
+
+
 def train(
     corpus: str,
     cfg: LensConfig,
@@ -138,7 +147,7 @@ def train(
             text = encoder(batch.captions)
             x0 = to_pixels(batch.images, device)
             t2 = time.perf_counter()
-            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
