@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import ray
-
-from recaption.actors import Handle
+from recaption.actors import Handle, shared_actor
 from recaption.config import PipelineConfig
 from recaption.corpus import Committed, CorpusStore
 from recaption.errors import BudgetSpent
@@ -55,7 +53,7 @@ class Budget:
                 "stopped": self.stopped}  # fmt: skip
 
 
-BudgetActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Budget)
+BudgetActor = shared_actor(Budget)
 
 
 class Spend(Handle):

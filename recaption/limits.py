@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import ray
+from recaption.actors import shared_actor
 
 LEASE_S = 0.2  # a lease holds at most this much of the quota, so a pause reaches all soon
 RESERVE_S = 0.25  # a permit may be granted this long before it may be sent
@@ -282,4 +282,4 @@ def _number(value: str | None) -> float | None:
 
 # Sync methods are microseconds each; the actor answers them one at a time, in call order.
 # If its node dies it restarts empty (a fresh bucket) and callers' calls are retried.
-LimiterActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(EndpointLimiter)
+LimiterActor = shared_actor(EndpointLimiter)

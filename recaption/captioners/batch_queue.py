@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import ray
-
-from recaption.actors import Handle
+from recaption.actors import Handle, shared_actor
 
 
 class QueueQuota:
@@ -70,7 +68,7 @@ class QueueQuota:
                 "refusals": self.refusals}  # fmt: skip
 
 
-QueueActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(QueueQuota)
+QueueActor = shared_actor(QueueQuota)
 
 
 class Queue(Handle):

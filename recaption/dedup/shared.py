@@ -22,10 +22,11 @@ from typing import Any
 
 import ray
 
+from recaption.actors import shared_actor
 from recaption.dedup.fingerprint import Fingerprint
 from recaption.dedup.index import Claim, DedupIndex, Hit, link_within
 
-DedupActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(DedupIndex)
+DedupActor = shared_actor(DedupIndex)
 HOMES_KEPT = 1_000_000  # keys whose partition a handle remembers; beyond it, it asks them all
 MAX_LINKS = 8  # near links followed to reach a caption
 FLUSH_S = 0.25  # a worker's answers wait at most this long to go out together
