@@ -79,13 +79,18 @@ def images_only(cls: type) -> type:
         def get_attributes(klass) -> list[str]:
             return kept
 
+        # `__init__` still takes video_processor: pass None there. transformers < 5.25 builds
+        # the processor from positional sub-processors, 5.25 and later from one dict.
         @classmethod
         def from_args_and_dict(klass, args: list, processor_dict: dict, **kwargs: Any) -> Any:
-            # `__init__` still takes video_processor where it always did: pass None there
             processor_dict = {k: v for k, v in processor_dict.items() if k != "video_processor"}
             return super().from_args_and_dict(
                 [*args[:slot], None, *args[slot:]], processor_dict, **kwargs
             )
+
+        @classmethod
+        def from_dict(klass, processor_dict: dict, **kwargs: Any) -> Any:
+            return super().from_dict({**processor_dict, "video_processor": None}, **kwargs)
 
     ImagesOnly.__name__ = ImagesOnly.__qualname__ = cls.__name__
     return ImagesOnly
