@@ -95,6 +95,19 @@ def test_reads_visible_text_where_it_is_likely(analyzer):
     assert "text" in caption.objects
 
 
+def test_ocr_runs_on_the_cpus_a_ray_worker_was_given(monkeypatch):
+    """Ray sets OMP_NUM_THREADS to a worker's CPUs; ONNX Runtime must be told it."""
+    pytest.importorskip("rapidocr_onnxruntime")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ocr = make_captioner(PipelineConfig())._ocr
+    for session in (ocr.text_det.infer.session, ocr.text_rec.session.session):
+        options = session.get_session_options()
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+    assert caption_of(make_captioner(PipelineConfig()), sign("OPEN DAILY")).visible_text == [
+        "OPEN DAILY"
+    ]
+
+
 def test_text_gate_skips_ocr_on_flat_scenes():
     assert text_likely(np.asarray(sign("FRESH BREAD 24/7")))
     assert not text_likely(np.asarray(render(random_scene(random.Random(1)))))

@@ -275,11 +275,11 @@ def test_a_line_the_api_names_is_rejected_and_the_rest_go_again(
     }  # the others were not charged
 
 
-def test_kill_9_while_batches_wait_for_quota_submits_no_line_twice(shards, tmp_path):
+def test_kill_9_while_batches_wait_for_quota_submits_no_line_twice(ray_cluster, shards, tmp_path):
     import subprocess
     import time
 
-    from kill_run import run_argv
+    from kill_run import run_argv, run_here
 
     corpus = tmp_path / "corpus"
     with OpenAIServer(api_key=KEY) as server:
@@ -308,8 +308,8 @@ def test_kill_9_while_batches_wait_for_quota_submits_no_line_twice(shards, tmp_p
         proc.wait()
         assert api.created >= 1 and api.statuses().get("in_progress", 0) == api.created
         api.hold = None
-        final = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    assert final.returncode == 0, final.stderr
+        final = run_here(argv)
+    assert final == 0
     assert not api.live_overlaps  # nothing submitted again while a batch holding it was live
     assert api.peak_enqueued <= quota
     assert_invariant(corpus, expected_keys(shards))

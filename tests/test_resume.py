@@ -15,7 +15,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from kill_run import kill_after, run_argv
+from kill_run import kill_after, run_argv, run_here
 from openai_server import OpenAIServer, repeated_successes
 from test_pipeline import assert_invariant
 
@@ -64,7 +64,7 @@ def assert_complete(corpus: Path, shards: Path) -> None:
             assert KEY.encode() not in path.read_bytes(), path
 
 
-def test_kill_9_the_run_at_random_moments_then_resume(shards, tmp_path):
+def test_kill_9_the_run_at_random_moments_then_resume(ray_cluster, shards, tmp_path):
     corpus = tmp_path / "corpus"
     rng = random.Random(4)
     kills = 0
@@ -72,9 +72,9 @@ def test_kill_9_the_run_at_random_moments_then_resume(shards, tmp_path):
         argv = run_argv("pipelines/openai.yaml", overrides(server, shards, corpus, "ray.workers=2"))
         for _ in range(3):  # at a random moment once captioning is under way
             kills += kill_after(argv, server, rng.randint(5, 40))
-        final = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        final = run_here(argv)
         events = list(server.events)
-    assert final.returncode == 0, final.stderr
+    assert final == 0
     assert kills >= 2
     assert_complete(corpus, shards)
     # at most what was in flight at each kill: workers x limits.concurrency

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from kill_run import run_argv
+from kill_run import run_argv, run_here
 from openai_server import Faults, OpenAIServer, repeated_successes
 from test_object_storage import s3  # noqa: F401 - the S3 test server fixture
 from test_pipeline import assert_invariant
@@ -65,14 +65,13 @@ def kill_at_random(argv: list[str], rng: random.Random, committed: callable) -> 
     subprocess.run(["pkill", "-9", "-g", str(proc.pid)], check=False)
 
 
-def test_kill_9_across_commits_then_the_rerun_completes(many, tmp_path):
+def test_kill_9_across_commits_then_the_rerun_completes(ray_cluster, many, tmp_path):
     corpus = tmp_path / "corpus"
     rng = random.Random(7)
     argv = default_run(many, str(corpus), "ray.workers=2")
     for _ in range(3):
         kill_at_random(argv, rng, lambda: len(list((corpus / "commits").glob("*.json"))))
-    final = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    assert final.returncode == 0, final.stderr
+    assert run_here(argv) == 0
     verdict = verify(corpus, str(many))
     assert verdict.ok, verdict.problems
     assert_invariant(corpus, expected_keys(many))
@@ -80,7 +79,7 @@ def test_kill_9_across_commits_then_the_rerun_completes(many, tmp_path):
     assert totals["shards"] == 12 and totals["samples"] == 72
 
 
-def test_kill_9_across_commits_to_s3(s3, many, tmp_path):  # noqa: F811
+def test_kill_9_across_commits_to_s3(ray_cluster, s3, many, tmp_path):  # noqa: F811
     uri, _fs = s3
     staging = tmp_path / "staging"
     argv = default_run(many, uri("killed"), f"output.staging={staging}", "ray.workers=2")
@@ -91,8 +90,7 @@ def test_kill_9_across_commits_to_s3(s3, many, tmp_path):  # noqa: F811
     rng = random.Random(11)
     for _ in range(2):
         kill_at_random(argv, rng, committed)
-    final = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    assert final.returncode == 0, final.stderr
+    assert run_here(argv) == 0
     verdict = verify(uri("killed"), str(many))
     assert verdict.ok, verdict.problems
     assert verdict.shards == 12 and verdict.captioned + verdict.rejected == 72
@@ -121,7 +119,9 @@ def test_a_corpus_of_the_old_layout_opens(ray_cluster, sample_shards, tmp_path):
     assert verify(corpus, str(sample_shards)).ok
 
 
-def test_the_spend_cap_stops_the_run_resumable_then_a_higher_cap_finishes(shards, tmp_path):
+def test_the_spend_cap_stops_the_run_resumable_then_a_higher_cap_finishes(
+    ray_cluster, shards, tmp_path, capsys
+):
     corpus = tmp_path / "corpus"
     price = PRICES["gpt-4.1"]
     with OpenAIServer(latency_ms=40, api_key=KEY) as server:
@@ -132,18 +132,18 @@ def test_the_spend_cap_stops_the_run_resumable_then_a_higher_cap_finishes(shards
             "pipelines/openai.yaml",
             overrides(server, shards, corpus, "ray.workers=2", f"limits.max_usd={cap}"),
         )
-        stopped = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-        asked = len(server.events)
-        assert stopped.returncode == 3, stopped.stderr + stopped.stdout
-        assert "stopped at the spend cap" in stopped.stdout and "run again" in stopped.stdout
+        stopped = run_here(argv)
+        asked, out = len(server.events), capsys.readouterr().out
+        assert stopped == 3, out
+        assert "stopped at the spend cap" in out and "run again" in out
         assert 0 < asked < 120  # it stopped before the input was done
         store = CorpusStore(corpus)
         cost = store.unwritten_cost() + sum(r.cost_usd for r in store.commits(None))
         assert cap - 2 * most <= cost <= cap  # within a request's cost, never past it
         higher = [*argv[: argv.index(f"limits.max_usd={cap}")], "limits.max_usd=100"]
-        final = subprocess.run(higher, capture_output=True, text=True, timeout=300)
+        final = run_here(higher)
         events = list(server.events)
-    assert final.returncode == 0, final.stderr
+    assert final == 0
     assert repeated_successes(events) == 0  # nothing answered is asked again
     assert len(events) > asked
     verdict = verify(corpus, str(shards))

@@ -14,6 +14,7 @@ detectors and ties the two together.
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 import cv2
@@ -72,7 +73,7 @@ class Analyzer(Captioner):
                     raise ConfigError(_OCR_MISSING) from None
                 self.ocr_mode = "never"
             else:
-                self._ocr = RapidOCR()
+                self._ocr = RapidOCR(**_ocr_options())
 
     @classmethod
     def identity(cls, cfg: PipelineConfig) -> tuple[str, str]:
@@ -121,3 +122,16 @@ class Analyzer(Captioner):
             if float(score) >= 0.8 and len(text) >= 2 and text not in lines:
                 lines.append(text)
         return lines
+
+
+def _ocr_options() -> dict[str, Any]:
+    """ONNX Runtime's thread pools for the OCR models: the CPUs this process was given. A Ray
+    worker sets OMP_NUM_THREADS to its CPUs, which ONNX Runtime ignores: by default it runs a
+    thread per core and spins while waiting, so two workers on two cores fight over four
+    threads. Measured on ten signs (OCR alone, one process): 6.7 -> 4.3 s of CPU, the same
+    text read. (RapidOCR's detector also scales the shorter side up to 736 px; reading at
+    the image's own size costs 5x less but loses the gaps between words, so it stays.)"""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and 0 < int(threads) <= (os.cpu_count() or 1):
+        return {"intra_op_num_threads": int(threads), "inter_op_num_threads": 1}
+    return {}
