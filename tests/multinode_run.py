@@ -24,7 +24,14 @@ def main() -> None:
     pipeline, overrides = sys.argv[1], [a for a in sys.argv[2:] if a != "--set"]
     # head: 1 CPU for one worker (the limiter needs none); node 2: room for the other.
     # The driver connects first, so it is attached to the head's raylet, not node 2's.
-    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1})
+    # The GCS declares a node dead after failed health checks: 5 of them 3 s apart by default,
+    # 15 s of the test spent waiting; a check every 0.5 s, 3 failures, finds it in ~1.5 s
+    health = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    cluster = Cluster(
+        initialize_head=True,
+        connect=True,
+        head_node_args={"num_cpus": 1, "_system_config": health},
+    )
     doomed = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     cfg = load_config(pipeline, [*overrides, f"ray.address={cluster.address}"])

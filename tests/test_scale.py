@@ -69,7 +69,7 @@ def test_kill_9_across_commits_then_the_rerun_completes(ray_cluster, many, tmp_p
     corpus = tmp_path / "corpus"
     rng = random.Random(7)
     argv = default_run(many, str(corpus), "ray.workers=2")
-    for _ in range(3):
+    for _ in range(2):  # the second kills a resumed run
         kill_at_random(argv, rng, lambda: len(list((corpus / "commits").glob("*.json"))))
     assert run_here(argv) == 0
     verdict = verify(corpus, str(many))
