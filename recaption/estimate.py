@@ -24,6 +24,7 @@ from typing import Any
 
 from datasketches import hll_sketch
 
+from recaption.answer import answer
 from recaption.captioners import Captioner, backend_of, make_captioner
 from recaption.captioners.prompt import USER_TEXT, load_prompt, prompt_with_schema
 from recaption.config import PipelineConfig
@@ -32,7 +33,6 @@ from recaption.errors import InputError, Rejected
 from recaption.images import PreparedImage
 from recaption.pricing import image_tokens, price_for
 from recaption.reading import samples
-from recaption.shard import answer
 from recaption.sources import Shard, input_shards, read_samples
 
 _HASH_COLUMNS = ("sha256", "md5", "sha512")  # img2dataset --compute_hash writes one

@@ -128,3 +128,15 @@ def _prepared_chunk(
                 if isinstance(prepared, PreparedImage):
                     prepared.fingerprint = fingerprint(prepared, fingerprints == "near")
     return out, timer
+
+
+async def batched(chunks: AsyncIterator[list], n: int) -> AsyncIterator[list]:
+    """Chunks joined into batches of at least `n` items (the last one may hold fewer)."""
+    batch: list = []
+    async for chunk in chunks:
+        batch.extend(chunk)
+        if len(batch) >= n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

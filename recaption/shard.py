@@ -3,11 +3,11 @@
     prepared_chunks(shard): read ─▶ prepare, in threads ── (a Rejected: a rejected/ row)
       ─▶ dedup claim, CLAIM_BATCH at a time: a copy waits for its first occurrence's caption
       ─▶ the journal has its answer? replay it, no call
-      ─▶ answer(): captioner.caption, or the answer `settle` gave ─▶ validate
+      ─▶ answer.answer(): captioner.caption, or the answer `settle` gave ─▶ validate
       ─▶ write: a data/ row and a journal line
     then both files are committed, and the pass reports what the shard became.
 
-`reading.samples` and `answer` are the two pieces others reuse: `recaption estimate` draws
+`reading.samples` and `answer.answer` are the two pieces others reuse: `recaption estimate` draws
 and answers images with them, and a backend that answers whole shards (the Batch API) gets
 the shard's unanswered prepared images and the validation rules through a `ShardJob`.
 
@@ -34,15 +34,16 @@ from datetime import UTC, datetime
 
 import pyarrow.parquet as pq
 
-from recaption.captioners.base import Answer, Captioner, CaptionFailure, CaptionResult, ShardJob
-from recaption.config import PipelineConfig, ValidationConfig
+from recaption.answer import answer
+from recaption.captioners.base import Answer, Captioner, CaptionResult, ShardJob
+from recaption.config import PipelineConfig
 from recaption.corpus import DATA_DIR, REJECTED_DIR, CorpusStore, ShardWriter
 from recaption.dedup import Claim, SharedIndex
 from recaption.dedup.corpus import DuplicateImage, local_index, phash_column, reusable
-from recaption.errors import BudgetSpent, CaptionerFatal, Rejected
+from recaption.errors import BudgetSpent, Rejected
 from recaption.images import PreparedImage
 from recaption.journal import Journal
-from recaption.reading import PREPARE_CHUNK, Timer, image_pool, prepared_chunks, samples
+from recaption.reading import PREPARE_CHUNK, Timer, batched, image_pool, prepared_chunks, samples
 from recaption.records import Caption, CaptionRecord, Reason, Rejection, ShardReport, Stage, Usage
 from recaption.sources import Sample, Shard
 from recaption.validation import validate_caption
@@ -50,40 +51,6 @@ from recaption.validation import validate_caption
 _TRUNCATION = {Reason.truncated_member, Reason.missing_from_tar}
 OnSample = Callable[[Usage, bool], None]  # (what the sample cost, rejected?) as it is written
 CLAIM_BATCH = 64  # samples claimed at once from the run's dedup index: a call is ~1-3 ms of CPU
-
-
-async def answer(
-    captioner: Captioner,
-    image: PreparedImage,
-    rules: ValidationConfig,
-    given: Answer | None = None,
-    timer: Timer | None = None,
-) -> tuple[CaptionResult, Caption]:
-    """Answer one prepared image and validate the caption: (the result, the caption as it is
-    stored). Raises Rejected, carrying what the attempts cost, when it gets no caption."""
-    timer = timer if timer is not None else Timer()
-    t0 = time.perf_counter()
-    with timer("caption"):
-        try:
-            if isinstance(given, CaptionFailure):
-                raise given
-            if isinstance(given, CaptionResult):
-                result = given
-            else:
-                result = await (given or captioner.caption)(image)
-        except (Rejected, CaptionerFatal, BudgetSpent):
-            raise  # a rejection for this image; or nothing more can be captioned
-        except Exception as exc:  # a backend bug must cost one row, not the shard
-            detail = f"{type(exc).__name__}: {exc}"
-            raise CaptionFailure(Reason.caption_error, detail, Usage(attempts=1)) from None
-    if result.latency_ms is None:
-        result.latency_ms = (time.perf_counter() - t0) * 1000
-    with timer("validate"):
-        try:
-            return result, validate_caption(result.caption, rules)
-        except Rejected as exc:
-            exc.usage = result.usage  # the caption was paid for
-            raise
 
 
 class ShardPass:
@@ -478,15 +445,3 @@ def process_shard(
             await captioner.aclose()  # its connections belong to this event loop
 
     return asyncio.run(once())
-
-
-async def batched(chunks: AsyncIterator[list], n: int) -> AsyncIterator[list]:
-    """Chunks joined into batches of at least `n` items (the last one may hold fewer)."""
-    batch: list = []
-    async for chunk in chunks:
-        batch.extend(chunk)
-        if len(batch) >= n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
