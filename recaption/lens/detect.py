@@ -95,7 +95,7 @@ def detect(rgb: np.ndarray, min_pixels: int = 6, max_blend: float = 8.0) -> Dete
             # has a core that survives shaving one pixel off its outline, in pure colour.
             core = cv2.erode(mask.astype(np.uint8), _CROSS).astype(bool)
             if core.any() and (off[mask] < max_blend).sum() >= 2:
-                parts.append((index, mask, int(stats[i][4]), centroids[i]))
+                parts.append((index, mask, int(stats[i, cv2.CC_STAT_AREA]), centroids[i]))
     shapes = []
     for index, mask, pixels, (cx, cy) in parts:
         # A halo hugs a shape at least twice its size (grey around white on black).
