@@ -191,8 +191,7 @@ class DedupConfig(Strict):
     near: NearConfig = NearConfig()
     # earlier corpora whose captions are reused: same model, prompt version and settings
     against: list[str] = []
-    # index actors; more spread its memory over nodes (near copies claimed at the same moment
-    # on two workers may then both be captioned)
+    # index actors; more spread its memory over nodes
     partitions: int = Field(1, ge=1, le=256)
     # how long a duplicate waits for its first occurrence's caption before it is asked itself
     wait_s: float = Field(900, gt=0)

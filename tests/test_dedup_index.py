@@ -172,6 +172,54 @@ def test_shared_actors_match_local(ray_cluster):
         shared.shutdown()
 
 
+def test_near_copies_claimed_at_once_on_workers_are_paid_once(ray_cluster):
+    """Each original and a 2-bit near copy of it claimed at the same moment by two worker
+    processes, against three partitions: exactly one of each pair is new, the other links to
+    it (without the Recent arbiter about a quarter of the pairs were both new)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Claimer:
+        def __init__(self, index: SharedIndex):
+            self.index = index
+
+        def run(self, items: list, batch: int) -> list[Claim]:
+            async def go():
+                out = []
+                for i in range(0, len(items), batch):
+                    out += await self.index.claim(items[i : i + batch])
+                return out
+
+            return asyncio.run(go())
+
+    rng = random.Random(5)
+    shared = SharedIndex.start(3, name_prefix="test-dedup-race")
+    workers = [Claimer.remote(shared) for _ in range(3)]
+    try:
+        base = [_fp(rng.getrandbits(200), rng.getrandbits(64)) for _ in range(240)]
+        share: list[list] = [[] for _ in workers]
+        for i, fp in enumerate(base):
+            copy = Fingerprint(f"{rng.getrandbits(256):064x}", fp.phash ^ 0b101, fp.dhash)
+            share[i % 3].append((f"o{i}", fp))
+            share[(i + 1) % 3].append((f"n{i}", copy))
+        ray.get([w.run.remote([], 8) for w in workers])  # started, so the claims overlap
+        results = ray.get([w.run.remote(s, 8) for w, s in zip(workers, share, strict=True)])
+        got = {
+            k: c
+            for s, r in zip(share, results, strict=True)
+            for (k, _), c in zip(s, r, strict=True)
+        }
+        for i in range(len(base)):
+            a, b = got[f"o{i}"], got[f"n{i}"]
+            assert sorted([a.kind, b.kind]) == ["near", "new"], (i, a, b)
+            assert (b.original, a.original) in ((f"o{i}", None), (None, f"n{i}"))
+        assert asyncio.run(shared.state())["new"] == len(base)
+    finally:
+        for w in workers:
+            ray.kill(w)
+        shared.shutdown()
+
+
 def test_shared_caption_waits_and_times_out(ray_cluster):
     shared = SharedIndex.start(2, name_prefix="test-dedup-wait")
 

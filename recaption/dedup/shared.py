@@ -4,9 +4,12 @@ A partition owns the shas whose first 32 bits fall to it (so an exact duplicate 
 one actor, exactly once a run), the entries of those originals (state, link, caption) and the
 multi-index of their phashes. A claim batch is three rounds of at most N parallel calls,
 whatever its size: claim_exact at the shas' partitions, near_lookup at every partition (each
-searches its own originals), settle at the shas' partitions. Two near copies claimed at the
-same moment on two workers can both become originals (the bench counts how often); exact
-copies cannot.
+searches its own originals), settle at the shas' partitions. An original is not visible to
+the near search until it settles, so two near copies claimed at the same moment on two workers
+would both become originals (26% of such pairs in `bench/dedup_bench.py`); the images that
+found no original in the partitions pass one more actor, `Recent`, which holds the run's last
+minute or two of new originals and lets one call at a time in: the second of two such copies
+finds the first there. Exact copies are decided at their sha's partition alone.
 
 A Ray actor call costs ~1-3 ms of CPU on each side, so calls are per batch, never per image:
 claims a batch at a time, answers sent together every `FLUSH_S`, and a claim whose original
@@ -30,19 +33,57 @@ DedupActor = shared_actor(DedupIndex)
 HOMES_KEPT = 1_000_000  # keys whose partition a handle remembers; beyond it, it asks them all
 MAX_LINKS = 8  # near links followed to reach a caption
 FLUSH_S = 0.25  # a worker's answers wait at most this long to go out together
+RECENT_S = 60.0  # a new original is held by Recent for 60-120 s (settling takes milliseconds)
+
+
+class Recent:
+    """The run's newest originals, in two generations of RECENT_S each: the near search's
+    arbiter for originals whose claims have not settled at their partitions yet.
+
+    One actor runs one call at a time, so of two near copies claimed at once the first to
+    arrive here is registered and the second finds it. Correct as long as a claim settles
+    within RECENT_S of passing here; after that its partition's near search finds it."""
+
+    def __init__(self, max_distance: int):
+        self.max_distance = max_distance
+        self.old, self.new = DedupIndex(max_distance), DedupIndex(max_distance)
+        self.since = time.monotonic()
+
+    def check(self, items: list[tuple[str, Fingerprint]]) -> list[Hit | None]:
+        """Per (key, fingerprint) that found no original: a newer original it copies, or None
+        (it is one, registered here; a retried claim finds itself and stays one)."""
+        if time.monotonic() - self.since >= RECENT_S:
+            self.old, self.new = self.new, DedupIndex(self.max_distance)
+            self.since = time.monotonic()
+        out: list[Hit | None] = [None] * len(items)
+        rest = []
+        olds = self.old.near_lookup([(fp.phash, fp.dhash, fp.near_ok) for _, fp in items])
+        for j, ((key, _), hit) in enumerate(zip(items, olds, strict=True)):
+            if hit is None:
+                rest.append(j)
+            elif hit[1] != key:
+                out[j] = hit
+        for j, claim in zip(rest, self.new.claim([items[j] for j in rest]), strict=True):
+            if claim.original is not None:  # near, or exact: a partition restarted empty
+                out[j] = (claim.distance, claim.original, None)
+        return out
+
+
+RecentActor = shared_actor(Recent)
 
 
 class SharedIndex:
-    def __init__(self, target: DedupIndex | list[Any]):
+    def __init__(self, target: DedupIndex | list[Any], recent: Any = None):
         self.local = target if isinstance(target, DedupIndex) else None
         self.parts: list[Any] = [] if self.local is not None else list(target)
+        self.recent = recent  # the Recent actor of a partitioned index that searches near copies
         self.max_distance = self.local.max_distance if self.local else None
         self.homes: dict[str, int] = {}  # key -> partition, learnt from claims
         self.outbox: dict[int, list[tuple[str, dict | None]]] = defaultdict(list)
         self.flushing: asyncio.TimerHandle | None = None
 
     def __reduce__(self):  # a handle pickles as its actors (or its local index), nothing else
-        return (SharedIndex, (self.local if self.local is not None else self.parts,))
+        return (SharedIndex, (self.local if self.local is not None else self.parts, self.recent))
 
     @classmethod
     def start(
@@ -59,14 +100,19 @@ class SharedIndex:
             ).remote(max_distance, near)
             for i in range(partitions)
         ]
-        index = cls(actors)
+        recent = None
+        if near and partitions > 1:
+            recent = RecentActor.options(name=f"{name_prefix}-recent", get_if_exists=True).remote(
+                max_distance
+            )
+        index = cls(actors, recent)
         index.max_distance = max_distance
         return index
 
     def shutdown(self) -> None:
-        for actor in self.parts:
+        for actor in [*self.parts, *([self.recent] if self.recent else [])]:
             ray.kill(actor)
-        self.parts = []
+        self.parts, self.recent = [], None
 
     # --- calls ------------------------------------------------------------------------------
 
@@ -129,7 +175,13 @@ class SharedIndex:
             if best is not None:
                 self._remember(best[0][1], best[1])
             hits.append(best[0] if best else None)
-        if self.max_distance is not None:
+        if self.recent is not None:  # the arbiter also links near copies within the batch
+            unseen = [j for j, i in enumerate(fresh) if hits[j] is None and items[i][1].near_ok]
+            if unseen:
+                found = await self.recent.check.remote([items[fresh[j]] for j in unseen])
+                for j, hit in zip(unseen, found, strict=True):
+                    hits[j] = hit
+        elif self.max_distance is not None:
             link_within(items, fresh, hits, self.max_distance)
         groups: dict[int, list[int]] = defaultdict(list)
         for j, i in enumerate(fresh):
