@@ -1,9 +1,11 @@
 """Dedup index figures: CPU per image of fingerprint + lookup beside the cost of preparing it,
 index memory per million images (with and without captions), shared-index claims/s from 4
-worker processes with 1 and several partitions, and how often concurrent near copies both
-become originals.
+worker processes with 1 and several partitions, how often concurrent near copies both
+become originals, and how fast a resumed run (or `dedup.against`) seeds the index from a
+corpus's data files: in the driver, one Ray task, a task per CPU.
 
     .venv/bin/python bench/dedup_bench.py [--entries 1000000] [--claims 20000] [--pipeline-ms 7.1,20.7]
+        [--seed-rows 200000]
 """
 
 from __future__ import annotations
@@ -11,15 +13,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import pickle
 import random
+import tempfile
 import time
 import tracemalloc
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from PIL import Image
 
 from recaption.config import ImageConfig
+from recaption.corpus import CorpusStore
 from recaption.dedup import DedupIndex, Fingerprint, SharedIndex, fingerprint
+from recaption.dedup.corpus import data_files, originals, seed, seed_from_files
 from recaption.images import prepare
 from recaption.samples import _load_photos
 from recaption.shard import CLAIM_BATCH
@@ -161,12 +170,61 @@ def shared(claims: int, partitions: list[int], batch: int = 64) -> None:
         index.shutdown()
 
 
+def seeding(rows: int, partitions: int = 2, shards: int = 40) -> None:
+    """A committed corpus's first occurrences read into a fresh index, three ways."""
+    print(f"\nseeding {partitions} partitions from {rows:,} rows in {shards} data files")
+    rng = random.Random(4)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "data").mkdir()
+        per = rows // shards
+        for sid in range(shards):
+            fps = [random_fp(rng) for _ in range(per)]
+            table = {
+                "shard": [f"{sid:05d}"] * per,
+                "key": [f"{sid:05d}{i:04d}" for i in range(per)],
+                "image_sha256": [f.sha256 for f in fps],
+                **{k: [v] * per for k, v in CAPTION.items()},
+                "cost_usd": [0.0004] * per,
+                "image_phash": [f"{f.phash:016x}:{f.dhash:016x}" for f in fps],
+                "duplicate_of": [None] * per,
+            }
+            pq.write_table(pa.table(table), Path(tmp) / "data" / f"{sid:05d}.parquet")
+        store = CorpusStore(tmp)
+        paths = data_files(store)
+        start = time.process_time()
+        items = list(originals(store, paths))
+        read_us = (time.process_time() - start) / len(items) * 1e6
+        blobs = [pickle.dumps(items[i : i + 4096]) for i in range(0, len(items), 4096)]
+        local, start = DedupIndex(), time.process_time()
+        for blob in blobs:  # what a partition does with a batch: unpickle it, store it
+            local.seed(pickle.loads(blob))
+        store_us = (time.process_time() - start) / len(items) * 1e6
+        del items, blobs, local
+        print(f"  CPU a row: reading {read_us:.1f} us (caption zlib'd), a partition"
+              f" storing it {store_us:.1f} us; 800M rows: {800e6 * read_us / 3.6e9:.1f}"
+              f" CPU-hours of reading over the cluster's CPUs, {800e6 * store_us / 3.6e9:.1f}"
+              f" over the partitions")  # fmt: skip
+        ways = {
+            "in the driver": lambda index: asyncio.run(seed(index, [originals(store, paths)])),
+            "a task per CPU": lambda index: seed_from_files(index, store, paths, per_task=1),
+        }
+        for name, way in ways.items():
+            index = SharedIndex.start(partitions, name_prefix=f"bench-seed-{len(name)}")
+            start = time.perf_counter()
+            count = way(index)
+            wall = time.perf_counter() - start
+            assert count == per * shards, count
+            print(f"  {name:16s} {count / wall:8.0f} rows/s  ({wall:.1f} s, this machine)")
+            index.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--entries", type=int, default=200_000)
     ap.add_argument("--claims", type=int, default=20_000)
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--partitions", default="1,4")
+    ap.add_argument("--seed-rows", type=int, default=200_000)
     # client CPU per request of `bench/openai_bench.py --only floor` with dedup off, pass-through
     # and re-encode (this machine, December 2026): what the dedup cost is a share of
     ap.add_argument("--pipeline-ms", default="7.1,20.7")
@@ -178,6 +236,7 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         shared(args.claims, [int(p) for p in args.partitions.split(",")])
+        seeding(args.seed_rows)
     finally:
         ray.shutdown()
 

@@ -4,6 +4,7 @@ through the real pipeline on Ray against the loopback OpenAI server."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -21,7 +22,9 @@ from test_pipeline import assert_invariant
 from test_resume import expected_keys
 
 from recaption.config import ImageConfig, load_config
-from recaption.dedup import fingerprint
+from recaption.corpus import CorpusStore
+from recaption.dedup import SharedIndex, fingerprint
+from recaption.dedup.corpus import data_files, reusable, seed_from_files
 from recaption.errors import ConfigError
 from recaption.images import prepare
 from recaption.pipeline import run
@@ -134,6 +137,18 @@ def test_each_picture_is_paid_once_and_its_copies_reuse_its_caption(
     report = json.loads((page.parent / "report.json").read_text())
     assert report["duplicates"] == dict(kinds) and report["saved_usd"] == totals["saved_usd"]
     assert "Duplicates not sent: 27" in page.read_text()
+
+    # what a resumed run (or dedup.against) holds, read by Ray tasks (two, for three files)
+    store = CorpusStore(tmp_path / "c")
+    index = SharedIndex.start(2, name_prefix="test-seed")
+    try:
+        count = seed_from_files(index, store, data_files(store), per_task=1)
+        assert count == asyncio.run(index.state())["seeded"] == made["distinct"]
+        first = next(r for r in rows if not r["duplicate_of"])
+        caption = asyncio.run(index.caption(f"{first['shard']}/{first['key']}", 1))
+        assert caption == reusable(first)
+    finally:
+        index.shutdown()
 
 
 def test_reject_mode_and_dedup_against_an_earlier_corpus(ray_cluster, dup_shards, tmp_path):

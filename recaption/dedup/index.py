@@ -226,12 +226,13 @@ class DedupIndex:
         for key, caption in items:
             self.answered(key, caption)
 
-    def seed(self, items: list[tuple[str, Fingerprint, dict]]) -> None:
+    def seed(self, items: list[tuple[str, Fingerprint, dict | bytes]]) -> None:
+        """Originals answered before (a caption, or one `pack`ed by the reader)."""
         for key, fp, caption in items:
             if key in self.by_key or fp.digest in self.by_sha:
                 continue
             idx = self._register(key, fp, ANSWERED)
-            self.captions[idx] = pack(caption)
+            self.captions[idx] = caption if isinstance(caption, bytes) else pack(caption)
             if self.near and fp.near_ok:
                 self.multi.add(idx, fp.phash)
             self.counts["seeded"] += 1
