@@ -47,7 +47,8 @@ def kill_after(argv: list[str], server: OpenAIServer, requests: int) -> bool:
     if killed:
         proc.send_signal(signal.SIGKILL)  # the driver alone, as `kill -9 PID` does
     proc.wait()
-    time.sleep(1)  # Ray's raylet and workers die with their parent (they fate-share) ...
+    # Ray's raylet and workers die with their parent (they fate-share), within a second ...
+    psutil.wait_procs(family, timeout=1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     for child in family if killed else []:  # ... but not always at once: a worker that
