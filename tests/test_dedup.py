@@ -113,7 +113,9 @@ def test_each_picture_is_paid_once_and_its_copies_reuse_its_caption(
 ):
     shards, made = dup_shards
     with OpenAIServer(latency_ms=50, api_key=KEY) as server:
-        summary = run(_config(server, shards, tmp_path / "c"), show_progress=False)
+        # the index in two partitions (and their Recent arbiter), as on a cluster
+        cfg = _config(server, shards, tmp_path / "c", "dedup.partitions=2")
+        summary = run(cfg, show_progress=False)
         paid, pictures = _paid(server)
     assert paid == pictures == made["distinct"]  # exact copies exactly, near copies too
     assert_invariant(tmp_path / "c", expected_keys(shards))
@@ -185,7 +187,7 @@ def test_kill_9_mid_run_then_resume_pays_each_picture_once(ray_cluster, dup_shar
         argv = run_argv(
             "pipelines/openai.yaml",
             [f"input.path={shards}", f"output.path={corpus}", f"captioner.base_url={server.url}",
-             "limits.concurrency=4", "ray.workers=2"],
+             "limits.concurrency=4", "ray.workers=2", "dedup.partitions=2"],
         )  # fmt: skip
         killed = kill_after(argv, server, 25)
         final = run_here(argv)
