@@ -3,6 +3,8 @@
     fingerprint(image)   sha256 (exact) + phash (the near-search key) + dhash (a second opinion)
     DedupIndex           the index itself, pure logic in one process (also a partition's state)
     SharedIndex          what workers hold: one local DedupIndex, or N partition actors
+                         (and, searching near copies, one `Recent` actor: the run's newest
+                         originals, so two near copies claimed at once are not both paid)
 
 An image is an exact duplicate of the first image with the same bytes (one partition owns
 each sha, so that is exactly once per run), and a near duplicate of a stored original whose
