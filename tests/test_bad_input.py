@@ -14,6 +14,7 @@ from conftest import jpeg_bytes
 
 from recaption.config import load_config, redacted
 from recaption.pipeline import RunError, run
+from recaption.samples import write_samples
 from recaption.verify import verify
 
 RECAPTION = str(Path(sys.executable).parent / "recaption")
@@ -76,6 +77,19 @@ def test_a_damaged_manifest_is_one_line_in_every_command(corpus, sample_shards, 
             ),
         ]
         one_line_error(recaption(*argv), "manifest.json is damaged")
+
+
+def test_a_damaged_data_file_is_one_line_when_a_run_reads_it_back(corpus, tmp_path):
+    """A resumed run reads its committed shards' captions back for the duplicate index."""
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(corpus), str(broken)], check=True)
+    (broken / "data" / "00000.parquet").write_bytes(b"PAR1 cut short")
+    more = tmp_path / "more"  # the same shard ids and a third: the run has work to do
+    write_samples(more, shards=3, per_shard=4, seed=5)
+    cfg = load_config("pipelines/default.yaml", [f"input.path={more}", f"output.path={broken}"])
+    with pytest.raises(RunError, match=r"cannot read .*00000\.parquet .*recaption verify") as info:
+        run(cfg, show_progress=False)
+    assert "\n" not in str(info.value)
 
 
 def test_an_output_whose_lock_cannot_be_opened(sample_shards, tmp_path):

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
@@ -19,7 +20,7 @@ from recaption.corpus import DATA_DIR, Committed, CorpusStore
 from recaption.dedup.fingerprint import Fingerprint
 from recaption.dedup.index import DedupIndex, pack
 from recaption.dedup.shared import SharedIndex
-from recaption.errors import ConfigError, Rejected
+from recaption.errors import ConfigError, Rejected, RunError
 from recaption.records import Caption, CaptionRecord, Stage
 from recaption.storage import storage_env
 
@@ -85,16 +86,25 @@ def originals(store: CorpusStore, paths: list[str], prefix: str = ""):
     keys)."""
     columns = ["shard", "image_sha256", *_REUSED]
     for path in paths:
-        data = pq.ParquetFile(path, filesystem=store.arrow_fs)
-        names = set(data.schema_arrow.names)
-        extra = [c for c in ("image_phash", "duplicate_of") if c in names]  # schema 2 on
-        for group in range(data.num_row_groups):
-            for row in data.read_row_group(group, columns=columns + extra).to_pylist():
-                if row.get("duplicate_of"):
-                    continue
-                fp = _fingerprint(row["image_sha256"], row.get("image_phash"))
-                packed = pack({k: row[k] for k in _REUSED})
-                yield f"{prefix}{row['shard']}/{row['key']}", fp, packed
+        try:
+            data = pq.ParquetFile(path, filesystem=store.arrow_fs)
+            names = set(data.schema_arrow.names)
+            extra = [c for c in ("image_phash", "duplicate_of") if c in names]  # schema 2 on
+            groups = (
+                data.read_row_group(g, columns=columns + extra) for g in range(data.num_row_groups)
+            )
+            for group in groups:
+                for row in group.to_pylist():
+                    if row.get("duplicate_of"):
+                        continue
+                    fp = _fingerprint(row["image_sha256"], row.get("image_phash"))
+                    packed = pack({k: row[k] for k in _REUSED})
+                    yield f"{prefix}{row['shard']}/{row['key']}", fp, packed
+        except (OSError, pa.ArrowException, KeyError) as exc:
+            raise RunError(
+                f"cannot read {path} (its captions seed the duplicate index): {exc}"
+                f" (`recaption verify {store.path}` checks the corpus)"
+            ) from None
 
 
 @ray.remote(num_cpus=1)
@@ -119,7 +129,11 @@ def seed_from_files(
         return asyncio.run(seed(index, [originals(store, paths, prefix)]))
     env = storage_env()
     shares = [paths[i::tasks] for i in range(tasks)]
-    return sum(ray.get([_seed_task.remote(index, store.path, s, prefix, env) for s in shares]))
+    refs = [_seed_task.remote(index, store.path, s, prefix, env) for s in shares]
+    try:
+        return sum(ray.get(refs))
+    except ray.exceptions.RayTaskError as exc:  # a damaged file: the task's one-line error
+        raise (exc.cause if isinstance(exc.cause, RunError) else exc) from None
 
 
 def journaled(store: CorpusStore, skip: set[str]):
