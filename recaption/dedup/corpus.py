@@ -118,9 +118,12 @@ def _seed_task(
 
 
 def seed_from_files(
-    index: SharedIndex, store: CorpusStore, paths: list[str], prefix: str = "",
+    index: SharedIndex,
+    store: CorpusStore,
+    paths: list[str],
+    prefix: str = "",
     per_task: int = SEED_FILES_PER_TASK,
-) -> int:  # fmt: skip
+) -> int:
     """Seed the index from a corpus's data files: read here when they are few, else by Ray
     tasks of `per_task` files or more, at most one a CPU of the cluster. 800M rows cost ~7
     CPU-hours to read (~32 us a row), so a resumed run spreads them over the cluster."""

@@ -2,9 +2,9 @@
 
 A partition owns the shas whose first 32 bits fall to it (so an exact duplicate is decided by
 one actor, exactly once a run), the entries of those originals (state, link, caption) and the
-multi-index of their phashes. A claim batch is three rounds of at most N parallel calls,
-whatever its size: claim_exact at the shas' partitions, near_lookup at every partition (each
-searches its own originals), settle at the shas' partitions. An original is not visible to
+multi-index of their phashes. A claim batch is four rounds, whatever its size: claim_exact
+at the shas' partitions, near_lookup at every partition (each searches its own originals),
+one call to `Recent` (below), settle at the shas' partitions. An original is not visible to
 the near search until it settles, so two near copies claimed at the same moment on two workers
 would both become originals (26% of such pairs in `bench/dedup_bench.py`); the images that
 found no original in the partitions pass one more actor, `Recent`, which holds the run's last
