@@ -233,7 +233,13 @@ def main() -> None:
     per_image(index, args.reps, [float(x) for x in args.pipeline_ms.split(",")])
     memory(args.entries, bare, full, index)
     del index
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
     try:
         shared(args.claims, [int(p) for p in args.partitions.split(",")])
         seeding(args.seed_rows)

@@ -346,7 +346,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     todo = args.only or ["rpm", "tpm", "storm", "quantized", "floor"]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

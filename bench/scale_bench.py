@@ -187,7 +187,13 @@ def driver_cost(shards: int, workers: int, work: Path) -> None:
             "validation.min_words=1",
         ],
     )
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(
+        address="local",
+        num_cpus=workers,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
     samples: list[tuple[int, float, float]] = []  # (shards committed, rss MB, driver cpu s)
     stop = threading.Event()
 

@@ -23,7 +23,13 @@ def ray_cluster():
     """A real local Ray, started once; the pipeline uses an initialised Ray as it is."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -25,8 +25,9 @@ def main() -> None:
     # head: 1 CPU for one worker (the limiter needs none); node 2: room for the other.
     # The driver connects first, so it is attached to the head's raylet, not node 2's.
     # The GCS declares a node dead after failed health checks: 5 of them 3 s apart by default,
-    # 15 s of the test spent waiting; a check every 0.5 s, 3 failures, finds it in ~1.5 s
-    health = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    # 15 s of the test spent waiting; a check a second finds it in ~5 s (checks 0.5 s apart, 3
+    # failures, declared a busy CI machine's head node dead: its raylet ended, the run hung)
+    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
     cluster = Cluster(
         initialize_head=True,
         connect=True,

@@ -49,6 +49,31 @@ def test_errors_are_one_line_and_non_zero(args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_dead_local_ray_that_left_its_address_is_not_joined(tmp_path):
+    """`ray start` writes the head's address to /tmp/ray/ray_current_cluster, and a head that
+    died (a crash, a kill) leaves it there: a run starts a Ray of its own regardless."""
+    marker = Path("/tmp/ray/ray_current_cluster")
+    before = marker.read_text() if marker.exists() else None
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("127.0.0.1:9")  # nothing listens there
+    try:
+        shards = tmp_path / "shards"
+        assert (
+            recaption("samples", str(shards), "--shards", "1", "--per-shard", "4").returncode == 0
+        )
+        result = recaption(
+            *("run", "--pipeline", "default", "--input", str(shards)),
+            *("--output", str(tmp_path / "corpus"), "--set", "ray.workers=1", "--quiet"),
+        )
+    finally:
+        if before is None:
+            marker.unlink(missing_ok=True)
+        else:
+            marker.write_text(before)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "recaption: samples: 4 -> " in result.stdout
+
+
 def test_samples_run_report_from_the_command_line(ray_cluster, tmp_path):
     shards, corpus = tmp_path / "shards", tmp_path / "corpus"
     assert recaption("samples", str(shards), "--shards", "1", "--per-shard", "8").returncode == 0

@@ -1,7 +1,9 @@
 """A real multi-node Ray: a worker node dies mid-run, its shards resume elsewhere."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +19,19 @@ def test_a_dead_worker_node_costs_no_row(shards, tmp_path):
         argv = [sys.executable, str(Path(__file__).with_name("multinode_run.py"))]
         argv += ["pipelines/openai.yaml"]
         argv += overrides(server, shards, corpus, "ray.workers=2")
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+        # its own session: if it hangs, its whole cluster goes with it, not only the driver
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            stdout, stderr = proc.communicate(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         events = list(server.events)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
     assert result["node_killed"] and not result["failed"]
     assert len(result["finished"]) == 3
     assert_complete(corpus, shards)
