@@ -2,7 +2,7 @@
 index memory per million images (with and without captions), shared-index claims/s from 4
 worker processes with 1 and several partitions, how often concurrent near copies both
 become originals, and how fast a resumed run (or `dedup.against`) seeds the index from a
-corpus's data files: in the driver, one Ray task, a task per CPU.
+corpus's data files, in the driver and by a Ray task per CPU.
 
     .venv/bin/python bench/dedup_bench.py [--entries 1000000] [--claims 20000] [--pipeline-ms 7.1,20.7]
         [--seed-rows 200000]
@@ -171,7 +171,7 @@ def shared(claims: int, partitions: list[int], batch: int = 64) -> None:
 
 
 def seeding(rows: int, partitions: int = 2, shards: int = 40) -> None:
-    """A committed corpus's first occurrences read into a fresh index, three ways."""
+    """A committed corpus's first occurrences read into a fresh index, two ways."""
     print(f"\nseeding {partitions} partitions from {rows:,} rows in {shards} data files")
     rng = random.Random(4)
     with tempfile.TemporaryDirectory() as tmp:
