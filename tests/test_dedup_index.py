@@ -13,6 +13,7 @@ from PIL import Image
 from recaption.config import ImageConfig
 from recaption.dedup import Claim, DedupIndex, Fingerprint, SharedIndex, fingerprint
 from recaption.dedup.index import TAIL_MAX
+from recaption.dedup.shared import RECENT_S, Recent
 from recaption.images import prepare
 from recaption.samples import _load_photos
 from recaption.scenes import SAMPLES, SCENES, random_scene, render
@@ -172,6 +173,29 @@ def test_shared_actors_match_local(ray_cluster):
         shared.shutdown()
 
 
+def test_recent_links_near_copies_of_new_originals_and_forgets_rejected_ones():
+    recent = Recent(max_distance=10)
+    base = 0xF0F0_1234_5678_9ABC
+
+    def near(n: int, bits: int):  # another image (sha) whose phash is `bits` off
+        return _fp(n, base ^ bits)
+
+    assert recent.check([("a", near(1, 0))]) == [None]  # the first: an original
+    assert recent.check([("a", near(1, 0))]) == [None]  # a retried claim stays one
+    assert recent.check([("b", near(2, 0b11))]) == [(2, "a", None)]
+    assert recent.check([("c", near(3, 0b1)), ("d", near(4, 0b111))]) == [
+        (1, "a", None),
+        (3, "a", None),
+    ]
+    recent.forget(["a"])  # answered without a caption
+    assert recent.check([("e", near(5, 0b11))]) == [None]  # the next copy is the original
+    assert recent.check([("f", near(6, 0))]) == [(2, "e", None)]
+    recent.since -= RECENT_S  # a generation later its entries are still found ...
+    assert recent.check([("g", near(7, 0b11))]) == [(0, "e", None)]
+    recent.since -= RECENT_S  # ... and two generations later they are gone
+    assert recent.check([("h", near(8, 0b11))]) == [None]
+
+
 def test_near_copies_claimed_at_once_on_workers_are_paid_once(ray_cluster):
     """Each original and a 2-bit near copy of it claimed at the same moment by two worker
     processes, against three partitions: exactly one of each pair is new, the other links to
@@ -240,6 +264,12 @@ def test_shared_caption_waits_and_times_out(ray_cluster):
 
         other = pickle.loads(pickle.dumps(shared))
         assert await other.caption("a", 1) == {"caption": "hello"}
+        # an original answered without a caption is forgotten by Recent as by its partition
+        lone = _fp(21, 0xABCD_EF01_2345_6789)
+        assert (await shared.claim([("r", lone)]))[0].kind == "new"
+        await shared.answered("r", None)
+        shared.flush()
+        assert (await shared.claim([("s", _fp(22, lone.phash ^ 0b11))]))[0].kind == "new"
 
     try:
         asyncio.run(run())

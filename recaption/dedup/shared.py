@@ -68,6 +68,13 @@ class Recent:
                 out[j] = (claim.distance, claim.original, None)
         return out
 
+    def forget(self, keys: list[str]) -> None:
+        """Originals answered without a caption: the next near copy becomes the original, as
+        at the partitions, instead of linking to one that has nothing to give."""
+        for key in keys:
+            self.old.answered(key, None)
+            self.new.answered(key, None)
+
 
 RecentActor = shared_actor(Recent)
 
@@ -225,8 +232,12 @@ class SharedIndex:
         if self.flushing is not None:
             self.flushing.cancel()
             self.flushing = None
+        rejected: set[str] = set()
         for p, items in self.outbox.items():
             self.parts[p].answered_many.remote(items)
+            rejected.update(key for key, caption in items if caption is None)
+        if rejected and self.recent is not None:
+            self.recent.forget.remote(sorted(rejected))
         self.outbox = defaultdict(list)
 
     async def seed(self, items: list[tuple[str, Fingerprint, dict]]) -> None:
