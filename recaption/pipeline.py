@@ -129,16 +129,10 @@ def ray_runtime(rc: RayConfig) -> Iterator[None]:
         ray.init(address=address, log_to_driver=False, logging_level="WARNING")
     else:
         cpus = max(os.cpu_count() or 1, math.ceil(rc.workers * rc.cpus_per_worker))
-        # "local": a Ray of its own, never one `ray start` (or one that died) left on this
-        # machine: bare ray.init() joins what /tmp/ray/ray_current_cluster names, and then
-        # refuses num_cpus
-        ray.init(
-            address="local",
-            num_cpus=cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level="WARNING",
-        )
+        # "local": a Ray of its own; bare ray.init() joins what /tmp/ray/ray_current_cluster
+        # names (a `ray start` head, even a dead one) and then refuses num_cpus
+        quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "WARNING"}
+        ray.init(address="local", num_cpus=cpus, **quiet)
     try:
         yield
     finally:
