@@ -47,7 +47,7 @@ def _thumbnail(image: PreparedImage) -> Image.Image:
     else:
         im = im.convert("L")
         im.thumbnail((THUMB * 2, THUMB * 2), Image.Resampling.BOX)
-    return im.convert("L")
+    return im if im.mode == "L" else im.convert("L")  # a CMYK JPEG's draft stays CMYK
 
 
 def _bits(h: imagehash.ImageHash) -> int:
@@ -56,9 +56,12 @@ def _bits(h: imagehash.ImageHash) -> int:
 
 def detail(grey: Image.Image) -> float:
     """Share of the 4x4 blocks of a THUMB x THUMB grey thumbnail that have texture."""
-    g = np.asarray(grey.resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.float32)
-    blocks = g.reshape(THUMB // 4, 4, THUMB // 4, 4).std(axis=(1, 3))
-    return float((blocks > DETAIL_STD).mean())
+    if grey.size != (THUMB, THUMB):
+        grey = grey.resize((THUMB, THUMB), Image.Resampling.BILINEAR)
+    g = np.asarray(grey, dtype=np.float32)
+    # one row per block: a single-axis variance is ~2x cheaper than std over axes (1, 3)
+    blocks = g.reshape(THUMB // 4, 4, THUMB // 4, 4).swapaxes(1, 2).reshape(-1, 16)
+    return float(np.count_nonzero(blocks.var(axis=1) > DETAIL_STD**2)) / len(blocks)
 
 
 def fingerprint(image: PreparedImage, near: bool = True) -> Fingerprint:
