@@ -4,7 +4,8 @@ service's limits (shared/reference/openai-limits.md).
 Batches move validating → in_progress → finalizing → completed, one step each time a
 client retrieves them, so tests drive them by polling; with `turnaround_s` they move by the
 clock instead (validated at once, completed that long after creation). `hold` keeps
-batches at a status; `fates` decides what happens to the next batches created:
+batches at a status, `holds` each of the next batches created at its own (`release()` lets
+them all go); `fates` decides what happens to the next batches created:
 
     completed   every line answered through the server's chat completion (its faults
                 apply: a 5xx goes to the error file, a dropped request is missing)
@@ -48,6 +49,7 @@ class BatchAPI:
         self.files: dict[str, dict[str, Any]] = {}  # id -> {"data": bytes, "purpose": str}
         self.batches: dict[str, dict[str, Any]] = {}
         self.hold: str | None = None
+        self.holds: list[str] = []  # the next batches' own holds, one each
         self.fates: list[str] = []
         self.drop_create = 0
         self.submitted: Counter[str] = Counter()  # custom_id -> times submitted
@@ -122,6 +124,7 @@ class BatchAPI:
             self.live_overlaps += [cid for cid in ids if cid in live]
             self.submitted.update(ids)
             fate = self.fates.pop(0) if self.fates else "completed"
+            hold = self.holds.pop(0) if self.holds else None
             held = self._enqueued(model)
             if self.enqueued_limit is not None and held + tokens > self.enqueued_limit:
                 fate = "token_limit"  # created all the same; it fails at validation
@@ -139,6 +142,7 @@ class BatchAPI:
                 "request_counts": {"total": len(ids), "completed": 0, "failed": 0},
                 "_ids": ids,
                 "_fate": fate,
+                "_hold": hold,
                 "_tokens": tokens,
                 "_model": model,
                 "_created": time.monotonic(),
@@ -194,6 +198,12 @@ class BatchAPI:
             "has_more": len(data) > limit,
         }
 
+    def release(self) -> None:
+        with self.lock:
+            self.hold = None
+            for batch in self.batches.values():
+                batch["_hold"] = None
+
     def statuses(self) -> Counter[str]:
         with self.lock:
             return Counter(b["status"] for b in self.batches.values())
@@ -208,7 +218,7 @@ class BatchAPI:
 
     def _step(self, batch: dict) -> None:
         status = batch["status"]
-        if status in TERMINAL or status == self.hold:
+        if status in TERMINAL or status in (self.hold, batch["_hold"]):
             return
         now = int(time.time())
         if status == "cancelling":

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -30,14 +31,14 @@ def run_here(argv: list[str]) -> int:
     return main(argv[3:])  # past [python, -m, recaption.cli]
 
 
-def kill_after(argv: list[str], server: OpenAIServer, requests: int) -> bool:
-    """Start the run; SIGKILL its process once the server has seen `requests` more requests.
-    False if the run finished first."""
-    target = len(server.events) + requests
+def kill_when(argv: list[str], ready: Callable[[], bool], timeout_s: float = 120) -> bool:
+    """Start the run; SIGKILL its process once `ready()` holds (polled every 20 ms). False if
+    the run finished first."""
     proc = subprocess.Popen(
         argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    while len(server.events) < target and proc.poll() is None:
+    deadline = time.monotonic() + timeout_s
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     killed = proc.poll() is None
     # the run's local Ray (raylet, GCS, workers, agents): the driver's descendants
@@ -55,3 +56,10 @@ def kill_after(argv: list[str], server: OpenAIServer, requests: int) -> bool:
         with contextlib.suppress(psutil.Error):  # outlives it must not answer into the next run
             child.kill()
     return killed
+
+
+def kill_after(argv: list[str], server: OpenAIServer, requests: int) -> bool:
+    """Start the run; SIGKILL its process once the server has seen `requests` more requests.
+    False if the run finished first."""
+    target = len(server.events) + requests
+    return kill_when(argv, lambda: len(server.events) >= target)

@@ -5,15 +5,14 @@ heals asked again without redoing the corpus."""
 import json
 import random
 import shutil
-import signal
-import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from kill_run import run_argv, run_here
+from kill_run import kill_when, run_argv, run_here
 from openai_server import Faults, OpenAIServer, repeated_successes
 from test_object_storage import s3  # noqa: F401 - the S3 test server fixture
 from test_pipeline import assert_invariant
@@ -48,21 +47,17 @@ def default_run(shards: Path, corpus: str, *extra: str) -> list[str]:
     )
 
 
-def kill_at_random(argv: list[str], rng: random.Random, committed: callable) -> None:
+def kill_at_random(argv: list[str], rng: random.Random, committed: Callable[[], int]) -> None:
     """Start the run and SIGKILL it at a random moment after its first commit."""
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    start = committed()
-    deadline = time.monotonic() + 120
-    while committed() == start and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(rng.uniform(0, 1.5))
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    time.sleep(1)
-    subprocess.run(["pkill", "-9", "-g", str(proc.pid)], check=False)
+    start, delay = committed(), rng.uniform(0, 1.5)
+    seen: list[float] = []  # when the first new commit showed
+
+    def ready() -> bool:
+        if not seen and committed() != start:
+            seen.append(time.monotonic())
+        return bool(seen) and time.monotonic() - seen[0] >= delay
+
+    kill_when(argv, ready)
 
 
 def test_kill_9_across_commits_then_the_rerun_completes(ray_cluster, many, tmp_path):
@@ -87,9 +82,7 @@ def test_kill_9_across_commits_to_s3(ray_cluster, s3, many, tmp_path):  # noqa: 
     def committed() -> int:
         return len(CorpusStore(uri("killed")).shard_files("commits", ".json"))
 
-    rng = random.Random(11)
-    for _ in range(2):
-        kill_at_random(argv, rng, committed)
+    kill_at_random(argv, random.Random(11), committed)  # the local test kills a resumed run too
     assert run_here(argv) == 0
     verdict = verify(uri("killed"), str(many))
     assert verdict.ok, verdict.problems
