@@ -15,19 +15,23 @@ latency, and reads the server's request log:
   floor client CPU per request at 6,000 RPM (4 workers, 50 ms latency, 512-px JPEGs sent
         as they came, with dedup and without, and 768-px ones re-encoded to 512), side by
         side with a bare asyncio + httpx loop doing only the floor work on the same images
-        and server (target <= 1.5x); with dedup also per image (a copy sends no request);
-        the shard pass's own timings per request beside it
+        and server (target <= 1.5x); each over its steady middle (15 s after its first
+        request to the 85th percentile), so that start-up (Ray's, each worker's imports) is
+        not counted per request (recaption's whole run beside it); with dedup also per image (a copy sends no request); the
+        shard pass's own timings per request beside it
 
     python bench/openai_bench.py                 # about 15 minutes
     python bench/openai_bench.py --seconds 70 --only rpm
-    python bench/openai_bench.py --only floor --floor-images 4000
+    python bench/openai_bench.py --only floor --floor-images 4000 [--floor-workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -226,29 +230,42 @@ def sized_shards(out: Path, images: int, side: int) -> Path:
 
 
 class TreeCPU:
-    """CPU seconds of this process and its descendants (Ray's raylet, GCS and workers),
-    the server's excepted. Polled, since a process's time is gone once it exits."""
+    """CPU seconds of a process and its descendants (for recaption: this process, Ray's
+    raylet, GCS and workers), the server's excepted, as a series over time. Polled, since a
+    process's time is gone once it exits."""
 
-    def __init__(self, exclude: set[int]):
-        self.exclude, self.seen, self.stop = exclude, {}, threading.Event()
+    def __init__(self, exclude: set[int], root: int | None = None):
+        self.exclude, self.root, self.seen = exclude, root, {}
+        self.series: list[tuple[float, float]] = []  # (time.monotonic(), CPU seconds so far)
+        self.own = 0.0  # the polling thread's CPU: its walks of /proc are not the client's work
+        self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
     def _sample(self) -> None:
-        me = psutil.Process()
-        for proc in [me, *me.children(recursive=True)]:
-            if proc.pid in self.exclude:
-                continue
-            with contextlib.suppress(psutil.Error):
-                t = proc.cpu_times()
-                self.seen[(proc.pid, proc.create_time())] = t.user + t.system
+        with contextlib.suppress(psutil.Error):
+            top = psutil.Process(self.root)
+            for proc in [top, *top.children(recursive=True)]:
+                if proc.pid in self.exclude:
+                    continue
+                with contextlib.suppress(psutil.Error):
+                    t = proc.cpu_times()
+                    cpu = t.user + t.system
+                    if proc.pid == os.getpid():
+                        cpu -= self.own
+                    self.seen[(proc.pid, proc.create_time())] = cpu
+        total = sum(v - self.start.get(k, 0.0) for k, v in self.seen.items())
+        self.series.append((time.monotonic(), total))
 
     def _poll(self) -> None:
         while not self.stop.wait(0.25):
+            self.own = time.thread_time()
             self._sample()
 
     def __enter__(self) -> TreeCPU:
+        self.start: dict = {}
         self._sample()
         self.start = dict(self.seen)
+        self.series = [(self.series[0][0], 0.0)]
         self.thread.start()
         return self
 
@@ -256,34 +273,71 @@ class TreeCPU:
         self.stop.set()
         self.thread.join()
         self._sample()
-        self.cpu_s = sum(v - self.start.get(k, 0.0) for k, v in self.seen.items())
+        self.cpu_s = self.series[-1][1]
+
+    def at(self, when: float) -> float:
+        """CPU seconds used by `when`, interpolated between the two samples around it."""
+        times = [t for t, _ in self.series]
+        i = min(max(bisect.bisect_left(times, when), 1), len(times) - 1)
+        (t0, c0), (t1, c1) = self.series[i - 1], self.series[i]
+        return c0 + (c1 - c0) * min(max((when - t0) / max(t1 - t0, 1e-9), 0.0), 1.0)
+
+
+def middle_ms(cpu: TreeCPU, events: list[dict], started: float, settle_s: float = 15) -> float:
+    """CPU ms per request in the run's steady middle: from `settle_s` after the first request
+    (or the 20th percentile of the server's log, if later) to the 85th percentile. Start-up
+    (Ray's, each worker's imports, which on 2 cores overlap the first workers' requests) and
+    the tail, where workers drain their last shards, are not per-request costs."""
+    times = sorted(started + e["t"] for e in events)
+    a = max(int(len(times) * 0.2), bisect.bisect_left(times, times[0] + settle_s))
+    b = int(len(times) * 0.85)
+    if b - a < len(times) // 5:
+        raise ValueError(f"too short a run for a steady window: {len(times)} requests")
+    return 1000 * (cpu.at(times[b]) - cpu.at(times[a])) / (b - a)
 
 
 def recaption_cpu(
-    server: Server, shards: Path, corpus: Path, limit: int | None, rpm: int, *extra: str
+    server: Server, shards: Path, corpus: Path, rpm: int, workers: int, *extra: str
 ) -> dict:
     cfg = pipeline(
-        server, shards, corpus, 4, f"limits.rpm={rpm}", "captioner.image.max_side=512", *extra
-    )
-    if limit is not None:
-        cfg.input.limit = limit
+        server, shards, corpus, workers, f"limits.rpm={rpm}", "captioner.image.max_side=512",
+        *extra,
+    )  # fmt: skip
     with TreeCPU({server.proc.pid}) as cpu:
         t0 = time.perf_counter()
         summary = run(cfg, False)
         wall = time.perf_counter() - t0
+    stats = server.stats()
     requests = sum(w["requests"] for w in summary.workers)
     timings: Counter[str] = Counter()
     for report in summary.finished:
         timings.update(report.timings)
-    images = sum(r.samples for r in summary.finished)
     return {
-        "cpu_s": cpu.cpu_s, "requests": requests, "images": images, "wall_s": wall,
-        "timings": timings,
+        "steady_ms": middle_ms(cpu, stats["events"], stats["started"]),
+        "whole_run_ms": 1000 * cpu.cpu_s / requests,
+        "requests": requests, "images": sum(r.samples for r in summary.finished),
+        "wall_s": wall, "timings": timings, "events": stats["events"],
     }  # fmt: skip
 
 
-def floor(workdir: Path, images: int, rpm: int = FLOOR_RPM) -> dict:
-    """recaption and the bare loop on the same images and server; startup subtracted."""
+def bare_cpu(server: Server, shards: Path, rpm: int, resize: bool) -> dict:
+    """The bare loop in its own process, measured the same way (its tree, its window)."""
+    before = len(server.stats()["events"])
+    cmd = [sys.executable, str(ROOT / "bench/bare_client.py"), server.url, str(shards),
+           "--rpm", str(rpm), *(["--resize", "512"] if resize else [])]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    with TreeCPU(set(), root=proc.pid) as cpu:
+        out, _ = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"bench/bare_client.py failed ({proc.returncode})")
+    stats = server.stats()
+    events = stats["events"][before:]
+    return json.loads(out) | {"steady_ms": middle_ms(cpu, events, stats["started"])}
+
+
+def floor(workdir: Path, images: int, rpm: int = FLOOR_RPM, workers: int = 4) -> dict:
+    """recaption and the bare loop on the same images and server, each per request over its
+    steady middle (recaption's whole run, start-up included, beside it)."""
     results = {}
     cases = (  # dedup off beside the first: what looking for duplicates costs
         ("pass-through", 512, "dedup.mode=reuse"),
@@ -296,36 +350,31 @@ def floor(workdir: Path, images: int, rpm: int = FLOOR_RPM) -> dict:
         server = Server("--rpm", str(rpm), latency_ms=50)
         name = case.replace(" ", "").replace(",", "-")
         try:
-            small = recaption_cpu(server, shards, workdir / f"floor-small-{name}", 5, rpm, dedup)
-            big = recaption_cpu(server, shards, workdir / f"floor-big-{name}", None, rpm, dedup)
-            bare = subprocess.run(
-                [sys.executable, str(ROOT / "bench/bare_client.py"), server.url, str(shards),
-                 "--rpm", str(rpm), *(["--resize", "512"] if side > 512 else [])],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
-            stats = server.stats()
+            ours = recaption_cpu(server, shards, workdir / f"floor-{name}", rpm, workers, dedup)
+            bare = bare_cpu(server, shards, rpm, resize=side > 512)
         finally:
             server.stop()
-        bare_figures = json.loads(bare.stdout)
-        n = big["requests"] - small["requests"]
-        ours = 1000 * (big["cpu_s"] - small["cpu_s"]) / n
+        events = ours.pop("events")
+        per_request = ours["steady_ms"]
         # with dedup a copy costs no request: per image is the like-for-like figure (the
         # bare loop sends one request an image)
-        per_image = 1000 * (big["cpu_s"] - small["cpu_s"]) / (big["images"] - small["images"])
-        events = stats["events"]
+        per_image = per_request * ours["requests"] / ours["images"]
         steps = {  # the per-request budget, as the shard pass times it (worker wall time)
-            k.removesuffix("_s"): round(1000 * v / max(1, big["requests"]), 3)
-            for k, v in sorted(big["timings"].items())
+            k.removesuffix("_s"): round(1000 * v / max(1, ours["requests"]), 3)
+            for k, v in sorted(ours["timings"].items())
             if k in ("read_s", "prepare_s", "dedup_s", "write_s", "validate_s")
         }
         results[case] = {
-            "recaption_cpu_ms": ours,
-            "bare_cpu_ms": bare_figures["cpu_ms_per_request"],
-            "ratio": ours / bare_figures["cpu_ms_per_request"],
+            "recaption_cpu_ms": per_request,
+            "bare_cpu_ms": bare["steady_ms"],
+            "ratio": per_request / bare["steady_ms"],
             "recaption_cpu_ms_per_image": per_image,
-            "ratio_per_image": per_image / bare_figures["cpu_ms_per_request"],
-            "duplicates_share": 1 - big["requests"] / big["images"],
-            "rpm_reached": 60 * big["requests"] / big["wall_s"],
+            "ratio_per_image": per_image / bare["steady_ms"],
+            "whole_run_ms": ours["whole_run_ms"],
+            "bare_whole_run_ms": bare["cpu_ms_per_request"],
+            "cores_per_10k_rpm": per_request / 1000 * 10_000 / 60,
+            "duplicates_share": 1 - ours["requests"] / ours["images"],
+            "rpm_reached": 60 * ours["requests"] / ours["wall_s"],
             "share_429": sum(e["status"] == 429 for e in events) / len(events),
             "per_request_ms": steps,
         }
@@ -341,6 +390,7 @@ def main() -> None:
     )
     parser.add_argument("--floor-images", type=int, default=6000)
     parser.add_argument("--floor-rpm", type=int, default=FLOOR_RPM, help="the floor's quota")
+    parser.add_argument("--floor-workers", type=int, default=4, help="the floor's ray.workers")
     parser.add_argument(
         "--quantized-rpm", type=int, default=3000, help="the highest RPM this machine sustains"
     )
@@ -370,7 +420,8 @@ def main() -> None:
             rpm = args.quantized_rpm
             results[f"{rpm} rpm per 0.5 s, 4 workers"] = quantized(workdir, 4, 40, rpm)
         if "floor" in todo:
-            for case, figures in floor(workdir, args.floor_images, args.floor_rpm).items():
+            figures_by_case = floor(workdir, args.floor_images, args.floor_rpm, args.floor_workers)
+            for case, figures in figures_by_case.items():
                 results[f"floor, {case}"] = figures
     ray.shutdown()
     print()

@@ -217,6 +217,7 @@ class OpenAIServer:
                 "events": [asdict(e) for e in self.events],
                 "storms": list(self.storms),
                 "kinds": dict(self.kinds),
+                "started": self.started,  # time.monotonic() of t=0, the same in every process
             }
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import pickle
 import random
 
 import numpy as np
@@ -251,19 +252,23 @@ def test_shared_caption_waits_and_times_out(ray_cluster):
         fp = _fp(9, 0x1234)
         await shared.claim([("a", fp), ("b", fp)])
         assert await shared.caption("a", timeout_s=0.2) is None  # not answered: times out
-        waiting = asyncio.create_task(shared.caption("a", timeout_s=10))
+        assert not shared.waiting or shared.polling  # a timed-out copy is dropped by the poll
+        waiting = [asyncio.create_task(shared.caption("a", timeout_s=10)) for _ in range(3)]
+        # another worker's handle (as unpickled there) knows nothing of this worker's answers
+        elsewhere = pickle.loads(pickle.dumps(shared))
+        theirs = asyncio.create_task(elsewhere.caption("a", timeout_s=10))
         await asyncio.sleep(0.2)
         await shared.answered("a", {"caption": "hello"})
-        assert shared.outbox  # sent with the others answered within FLUSH_S, not alone
-        assert await waiting == {"caption": "hello"}
-        assert not shared.outbox
+        # copies waiting in the worker that answered get it at once, without a round trip
+        assert await asyncio.gather(*waiting) == [{"caption": "hello"}] * 3
+        assert shared.outbox  # the partition hears of it within FLUSH_S, with the others
+        assert await theirs == {"caption": "hello"}  # polled from the partition
+        assert not shared.outbox and not elsewhere.waiting
         copy = (await shared.claim([("c", fp)]))[0]
         assert copy == Claim("exact", "a") and copy.caption == {"caption": "hello"}
-        # a fresh handle (as unpickled in a worker) knows nothing yet and still finds it
-        import pickle
-
+        # a fresh handle knows nothing yet and still finds it
         other = pickle.loads(pickle.dumps(shared))
-        assert await other.caption("a", 1) == {"caption": "hello"}
+        assert await other.caption("a", 3) == {"caption": "hello"}
         # an original answered without a caption is forgotten by Recent as by its partition
         lone = _fp(21, 0xABCD_EF01_2345_6789)
         assert (await shared.claim([("r", lone)]))[0].kind == "new"

@@ -262,6 +262,10 @@ class DedupIndex:
             return ("link", self.links[idx][0])
         return ("pending", None)
 
+    def caption_states(self, keys: list[str]) -> list[tuple[str, Any]]:
+        """`caption_state` of each key: a worker's waiting copies are polled together."""
+        return [self.caption_state(key) for key in keys]
+
     def caption_of(self, key: str) -> dict | None:
         """The caption a duplicate of `key` reuses, following near links; None if none yet."""
         for _ in range(8):  # a link points at an original, which may itself be answered

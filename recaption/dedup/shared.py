@@ -12,8 +12,9 @@ minute or two of new originals and lets one call at a time in: the second of two
 finds the first there. Exact copies are decided at their sha's partition alone.
 
 A Ray actor call costs ~1-3 ms of CPU on each side, so calls are per batch, never per image:
-claims a batch at a time, answers sent together every `FLUSH_S`, and a claim whose original
-is answered already carries its caption (the common case: no wait, no poll).
+claims a batch at a time, answers sent together every `FLUSH_S`, a worker's copies waiting for
+their originals polled together as often, and a claim whose original is answered already
+carries its caption (the common case: no wait, no poll).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from recaption.dedup.index import Claim, DedupIndex, Hit, link_within
 DedupActor = shared_actor(DedupIndex)
 HOMES_KEPT = 1_000_000  # keys whose partition a handle remembers; beyond it, it asks them all
 MAX_LINKS = 8  # near links followed to reach a caption
-FLUSH_S = 0.25  # a worker's answers wait at most this long to go out together
+FLUSH_S = 1.0  # a worker's answers wait at most this long to go out together
 RECENT_S = 60.0  # a new original is held by Recent for 60-120 s (settling takes milliseconds)
 
 
@@ -88,6 +89,10 @@ class SharedIndex:
         self.homes: dict[str, int] = {}  # key -> partition, learnt from claims
         self.outbox: dict[int, list[tuple[str, dict | None]]] = defaultdict(list)
         self.flushing: asyncio.TimerHandle | None = None
+        # original -> the copies waiting for its caption (a future each, with the near links
+        # followed so far), polled by one task
+        self.waiting: dict[str, list[tuple[asyncio.Future, int]]] = defaultdict(list)
+        self.polling: asyncio.Task | None = None
 
     def __reduce__(self):  # a handle pickles as its actors (or its local index), nothing else
         return (SharedIndex, (self.local if self.local is not None else self.parts, self.recent))
@@ -216,8 +221,12 @@ class SharedIndex:
                 out[fresh[j]] = c
 
     async def answered(self, key: str, caption: dict | None) -> None:
-        """Sent within FLUSH_S with the others answered meanwhile, not awaited: Ray runs one
-        caller's calls to an actor in order, and a copy waiting for this caption polls."""
+        """Copies waiting here get it at once; the partitions within FLUSH_S, with the others
+        answered meanwhile, not awaited (Ray runs one caller's calls to an actor in order),
+        and copies waiting in other workers poll them for it."""
+        for future, _ in self.waiting.pop(key, []):  # copies here need no round trip
+            if not future.done():
+                future.set_result(caption)
         if self.local is not None:
             self.local.answered(key, caption)
             return
@@ -246,35 +255,61 @@ class SharedIndex:
             groups[self.home(item[1])].append(item)
         await asyncio.gather(*(self._call(p, "seed", g) for p, g in groups.items()))
 
-    async def _state_of(self, key: str) -> tuple[str, Any]:
-        part = self.homes.get(key)
-        if part is not None:
-            state = await self._call(part, "caption_state", key)
-            if state[0] != "unknown":
-                return state
-        for state in await self._all("caption_state", key):
-            if state[0] != "unknown":
-                return state
-        return ("unknown", None)
-
     async def caption(self, original: str, timeout_s: float) -> dict | None:
         """The original's caption once answered (following near links); None when it was
-        rejected or `timeout_s` passed: then the caller asks the captioner itself."""
-        deadline = time.monotonic() + timeout_s
-        delay, key, hops = 0.01, original, 0
-        while True:
-            kind, value = await self._state_of(key)
-            if kind == "caption":
-                return value
-            if kind in ("rejected", "unknown"):  # unknown: its partition restarted empty
-                return None
-            if kind == "link" and hops < MAX_LINKS:
-                key, hops = value, hops + 1
-                continue
-            if time.monotonic() >= deadline:
-                return None
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 0.25)
+        rejected or `timeout_s` passed: then the caller asks the captioner itself. A waiting
+        copy makes no call of its own: an answer this worker gives resolves it at once, and
+        the rest are polled together, at once and then every FLUSH_S (as often as answers
+        reach the partitions), one call a partition for all of this worker's waiting copies."""
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[original].append((future, 0))
+        if self.polling is None:
+            self.polling = asyncio.create_task(self._poll())
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            return None
+
+    async def _poll(self) -> None:
+        """Ask the partitions for the keys copies wait on until none is left."""
+        delay = 0.05  # the copies of one claim batch start waiting together: one call
+        try:
+            while self.waiting:
+                await asyncio.sleep(delay)
+                delay = FLUSH_S
+                for key in [k for k, ws in self.waiting.items() if all(f.done() for f, _ in ws)]:
+                    del self.waiting[key]  # its copies all timed out
+                keys = list(self.waiting)
+                asks: dict[int, list[str]] = defaultdict(list)
+                for key in keys:
+                    part = self.homes.get(key)
+                    for p in range(self.n) if part is None else [part]:
+                        asks[p].append(key)
+                replies = await asyncio.gather(
+                    *(self._call(p, "caption_states", ks) for p, ks in asks.items())
+                )
+                states: dict[str, tuple[str, Any]] = {}
+                for ks, reply in zip(asks.values(), replies, strict=True):
+                    for key, state in zip(ks, reply, strict=True):
+                        if state[0] != "unknown" or key not in states:
+                            states[key] = state  # one partition knows it; the others do not
+                for key in keys:
+                    kind, value = states.get(key, ("unknown", None))
+                    if kind == "pending":
+                        continue
+                    for future, hops in self.waiting.pop(key, []):
+                        if kind == "link" and hops < MAX_LINKS:
+                            self.waiting[value].append((future, hops + 1))
+                        elif not future.done():  # unknown: its partition restarted empty
+                            future.set_result(value if kind == "caption" else None)
+        except Exception as exc:  # a partition lost: the copies fail as their calls would
+            for waiters in self.waiting.values():
+                for future, _ in waiters:
+                    if not future.done():
+                        future.set_exception(exc)
+            self.waiting.clear()
+        finally:
+            self.polling = None
 
     async def state(self) -> dict[str, Any]:
         total: dict[str, Any] = defaultdict(int)
