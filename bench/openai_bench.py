@@ -11,18 +11,19 @@ latency, and reads the server's request log:
         requests sent during the pause (target <= 2 per worker) and time from its end to
         the first second at full rate (target <= 2 s)
   cpu   the client's CPU time per request at full speed (worker processes, all threads)
-  quantized  600 RPM enforced over half-second windows, as OpenAI may: quota use and 429s
+  quantized  600 and 6,000 RPM (--quantized-rpm: the most the floor reaches here) enforced
+        over half-second windows, as OpenAI may: quota use and 429s
   floor client CPU per request at 6,000 RPM (4 workers, 50 ms latency, 512-px JPEGs sent
         as they came, with dedup and without, and 768-px ones re-encoded to 512), side by
         side with a bare asyncio + httpx loop doing only the floor work on the same images
         and server (target <= 1.5x); each over its steady middle (15 s after its first
         request to the 85th percentile), so that start-up (Ray's, each worker's imports) is
-        not counted per request (recaption's whole run beside it); with dedup also per image (a copy sends no request); the
-        shard pass's own timings per request beside it
+        not counted per request (recaption's whole run beside it); with dedup also per
+        image (a copy sends no request); the shard pass's own timings per request beside it
 
     python bench/openai_bench.py                 # about 15 minutes
     python bench/openai_bench.py --seconds 70 --only rpm
-    python bench/openai_bench.py --only floor --floor-images 4000 [--floor-workers 2]
+    python bench/openai_bench.py --only floor [--floor-images 6000] [--floor-workers 2]
 """
 
 from __future__ import annotations
@@ -392,7 +393,7 @@ def main() -> None:
     parser.add_argument("--floor-rpm", type=int, default=FLOOR_RPM, help="the floor's quota")
     parser.add_argument("--floor-workers", type=int, default=4, help="the floor's ray.workers")
     parser.add_argument(
-        "--quantized-rpm", type=int, default=3000, help="the highest RPM this machine sustains"
+        "--quantized-rpm", type=int, default=6000, help="the highest RPM this machine sustains"
     )
     args = parser.parse_args()
     todo = args.only or ["rpm", "tpm", "storm", "quantized", "floor"]
