@@ -259,8 +259,9 @@ class SharedIndex:
         """The original's caption once answered (following near links); None when it was
         rejected or `timeout_s` passed: then the caller asks the captioner itself. A waiting
         copy makes no call of its own: an answer this worker gives resolves it at once, and
-        the rest are polled together, at once and then every FLUSH_S (as often as answers
-        reach the partitions), one call a partition for all of this worker's waiting copies."""
+        the rest are polled together, 50 ms after they start waiting and then every FLUSH_S
+        (as often as answers reach the partitions), one call a partition for all of this
+        worker's waiting copies."""
         future = asyncio.get_running_loop().create_future()
         self.waiting[original].append((future, 0))
         if self.polling is None:
