@@ -14,7 +14,7 @@ from PIL import Image
 from recaption.config import ImageConfig
 from recaption.dedup import Claim, DedupIndex, Fingerprint, SharedIndex, fingerprint
 from recaption.dedup.index import TAIL_MAX
-from recaption.dedup.shared import RECENT_S, Recent
+from recaption.dedup.shared import FLUSH_S, RECENT_S, Recent
 from recaption.images import prepare
 from recaption.samples import _load_photos
 from recaption.scenes import SAMPLES, SCENES, random_scene, render
@@ -252,7 +252,8 @@ def test_shared_caption_waits_and_times_out(ray_cluster):
         fp = _fp(9, 0x1234)
         await shared.claim([("a", fp), ("b", fp)])
         assert await shared.caption("a", timeout_s=0.2) is None  # not answered: times out
-        assert not shared.waiting or shared.polling  # a timed-out copy is dropped by the poll
+        await asyncio.sleep(FLUSH_S + 0.2)  # the next poll drops the timed-out copy and ends
+        assert not shared.waiting and shared.polling is None
         waiting = [asyncio.create_task(shared.caption("a", timeout_s=10)) for _ in range(3)]
         # another worker's handle (as unpickled there) knows nothing of this worker's answers
         elsewhere = pickle.loads(pickle.dumps(shared))
