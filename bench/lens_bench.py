@@ -108,9 +108,10 @@ def warm_text_cache(corpus: Path, cfg: LensConfig, cache: Path) -> None:
 def bench_config(name: str, corpus: Path, out: Path, minutes: float, n: int) -> dict:
     preset, settings = CONFIGS[name]
     run_dir, cache = out / name, out / "text-cache"
-    warm_text_cache(corpus, load_lens_config(preset, settings), cache)
+    base = load_lens_config(preset, settings)
+    warm_text_cache(corpus, base, cache)
     steps = 1_000_000  # the time budget stops the run
-    if load_lens_config(preset, settings).lr_schedule != "constant":
+    if base.lr_schedule != "constant":
         steps = calibrate_steps(preset, settings, corpus, out, minutes * 60)
         print(f"  {name}: its lr schedule ends at step {steps} ({minutes:g} min here)")
     # a stop writes a sample grid: keep it cheap, it is counted as training time
