@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from recaption.corpus import journal_path
 
 
@@ -50,12 +52,13 @@ class Journal:
                 continue  # unreadable: that key is simply asked again
         return answered
 
-    def record(self, kind: str, row: dict[str, Any], spent: dict[str, float]) -> None:
-        """kind: "data" (a CaptionRecord without image) or "rejected" (a Rejection)."""
+    def record(self, kind: str, row: BaseModel, spent: dict[str, float]) -> None:
+        """kind: "data" (a CaptionRecord, stored without its image) or "rejected" (a
+        Rejection). The line is {"kind", "row", "spent"}; pydantic writes the row's JSON."""
         if not self.enabled:
             return
-        line = json.dumps({"kind": kind, "row": row, "spent": spent}, default=str)
-        self.fh.write(line.encode() + b"\n")
+        body = row.model_dump_json(exclude={"image"})
+        self.fh.write(f'{{"kind":"{kind}","row":{body},"spent":{json.dumps(spent)}}}\n'.encode())
         self.fh.flush()
         if time.monotonic() - self.synced >= self.fsync_s:
             os.fsync(self.fh.fileno())

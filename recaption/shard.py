@@ -305,9 +305,7 @@ class ShardPass:
         )
         self.writer.add(record)
         self.usage.add(result.usage)
-        self.journal.record(
-            "data", record.model_dump(mode="json", exclude={"image"}), result.usage.spent()
-        )
+        self.journal.record("data", record, result.usage.spent())
         self.on_sample(result.usage, False)
         return record
 
@@ -324,7 +322,7 @@ class ShardPass:
         self.writer.reject(rejection)
         self.usage.add(exc.usage)
         if exc.stage in (Stage.caption, Stage.validate):  # the captioner was asked: never again
-            self.journal.record("rejected", rejection.model_dump(mode="json"), exc.usage.spent())
+            self.journal.record("rejected", rejection, exc.usage.spent())
         self.rejected[exc.reason] += 1
         self.on_sample(exc.usage, True)
 

@@ -31,7 +31,6 @@ BOILERPLATE = re.compile(
     r"in (?:the|this) (?:image|picture|photo),?\s+)",
     re.IGNORECASE,
 )
-_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?", re.UNICODE)
 # A handful of the commonest English function words: a dense caption always has some.
 _ENGLISH = frozenset(
     (
@@ -51,10 +50,10 @@ def strip_boilerplate(text: str) -> str:
 
 def _repeated_share(words: list[str], n: int = 3) -> float:
     """Share of word n-grams that are repeats: degenerate loops push it towards 1."""
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    if not grams:
+    count = len(words) - n + 1
+    if count <= 0:
         return 0.0
-    return 1 - len(set(grams)) / len(grams)
+    return 1 - len(set(zip(*(words[i:] for i in range(n)), strict=False))) / count
 
 
 def validate_caption(caption: Caption, rules: ValidationConfig) -> Caption:
@@ -79,9 +78,10 @@ def validate_caption(caption: Caption, rules: ValidationConfig) -> Caption:
             Reason.too_long,
             f"caption_short has {len(short.split())} words > {rules.short_max_words}",
         )
-    lowered = [w.lower() for w in words]
+    lowered = dense.lower().split()
     share = _repeated_share(lowered)
-    top_word, top_count = Counter(lowered).most_common(1)[0]
+    counts = Counter(lowered)
+    top_word, top_count = counts.most_common(1)[0]
     if share > rules.max_repeated_ngram_share or (
         top_count > max(8, len(words) // 4) and top_word not in _ENGLISH
     ):
@@ -91,8 +91,10 @@ def validate_caption(caption: Caption, rules: ValidationConfig) -> Caption:
             Reason.truncated_output, f"caption ends mid-sentence: ...{dense[-40:]!r}"
         )
     if rules.language == "en":
-        tokens = [w.lower() for w in _WORD.findall(dense)]
-        english = sum(t in _ENGLISH for t in tokens) / max(1, len(tokens))
+        # function words seldom carry punctuation: the word counts above will do
+        english = sum(counts[w] for w in _ENGLISH if w in counts) / len(lowered)
         if english < 0.08:
             raise CaptionInvalid(Reason.wrong_language, f"only {english:.0%} common English words")
+    if dense == caption.caption and short == caption.caption_short:
+        return caption  # nothing stripped: most captions
     return caption.model_copy(update={"caption": dense, "caption_short": short})

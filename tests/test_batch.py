@@ -2,6 +2,7 @@
 (tests/batch_api.py): whole runs on Ray, stop-and-resume in every batch status, lost
 answers, expired, failed and malformed batches, online retries, `recaption batches`."""
 
+import base64
 import json
 from collections import Counter
 from pathlib import Path
@@ -219,7 +220,7 @@ def line_tokens(cfg, sample_shards: Path, server: OpenAIServer) -> int:
     captioner = make_captioner(cfg)
     _, image = next(samples(list_shards(str(sample_shards))[0], cfg.captioner.image))
     tries = captioner.tries(image)
-    tries.image_url = captioner.data_url(image)
+    tries.image_b64 = base64.b64encode(image.data)
     return server.input_tokens(captioner._request(captioner.endpoint, tries))
 
 

@@ -24,6 +24,7 @@ from recaption.config import load_config
 from recaption.corpus import corpus_lock, journal_path
 from recaption.journal import Journal
 from recaption.pipeline import RunError, run
+from recaption.records import Reason, Rejection, Stage
 from recaption.shard import process_shard
 from recaption.sources import list_shards
 from recaption.verify import verify
@@ -149,16 +150,22 @@ def test_a_failed_write_keeps_the_journal_and_the_rerun_completes(ray_cluster, s
     assert_complete(corpus, shards)
 
 
+def refused(key: str) -> Rejection:
+    return Rejection(
+        key=key, shard="00000", url=None, stage=Stage.caption, reason=Reason.refusal, detail="no"
+    )
+
+
 def test_a_torn_journal_record_is_cut_and_asked_again(tmp_path):
     journal = Journal(tmp_path, "00000")
-    journal.record("rejected", {"key": "a", "reason": "refusal"}, {})
-    journal.record("rejected", {"key": "b", "reason": "refusal"}, {})
+    journal.record("rejected", refused("a"), {})
+    journal.record("rejected", refused("b"), {})
     journal.close()
     path = journal_path(tmp_path, "00000")
     path.write_bytes(path.read_bytes()[:-7])  # killed in the middle of writing "b"
     reopened = Journal(tmp_path, "00000")
     assert set(reopened.answered) == {"a"}
-    reopened.record("rejected", {"key": "c", "reason": "refusal"}, {})
+    reopened.record("rejected", refused("c"), {})
     reopened.close()
     assert set(Journal(tmp_path, "00000").answered) == {"a", "c"}
 

@@ -28,6 +28,7 @@ are captioned online, their batch attempts counting against `captioner.max_attem
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 import math
@@ -300,14 +301,14 @@ class BatchCaptioner(OpenAICaptioner):
         jsonl = path.parent / f"{shard}.{len(state.parts)}.jsonl"
         fh = open(jsonl, "wb")  # noqa: SIM115 - rolls over to the next part below
         for key, image, tries in due:
-            tries.image_url = self.data_url(image)
+            tries.image_b64 = base64.b64encode(image.data)
             line = {
                 "custom_id": f"{shard}/{key}",
                 "method": "POST",
                 "url": self.url,
                 "body": self._request(self.endpoint, tries),
             }
-            tries.image_url = ""  # held by the file now
+            tries.image_b64 = b""  # held by the file now
             data = json.dumps(line, separators=(",", ":")).encode() + b"\n"
             line_tokens = self.enqueued_tokens(tries)
             if keys and (
@@ -376,7 +377,7 @@ class BatchCaptioner(OpenAICaptioner):
             if bad and key not in bad:  # a batch refused for other lines: not an attempt
                 continue
             # image tokens only shape the online limiter's estimate; `caption` fills them in
-            blank = Tries(max_tokens=self.cfg.max_output_tokens, image_url="", image_tokens=0)
+            blank = Tries(max_tokens=self.cfg.max_output_tokens, image_b64=b"", image_tokens=0)
             known = keys.setdefault(key, _Key(blank))
             spent = known.tries.usage
             before = (spent.input_tokens, spent.output_tokens, spent.cost_usd)

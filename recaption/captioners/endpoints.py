@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from urllib.parse import quote
 
 import openai
 
@@ -98,12 +99,14 @@ def make_client(ep: EndpointConfig, timeout_s: float) -> openai.AsyncOpenAI:
             api_version=ep.api_version or os.environ.get("OPENAI_API_VERSION"),
             max_retries=0,
             timeout=timeout_s,
+            http_client=openai.DefaultAioHttpClient(timeout=timeout_s),
         )
     return openai.AsyncOpenAI(
         api_key=key or "not-needed",  # local servers ignore it; the SDK insists on one
         base_url=ep.base_url or os.environ.get("OPENAI_BASE_URL") or None,
         max_retries=0,
         timeout=timeout_s,
+        http_client=openai.DefaultAioHttpClient(timeout=timeout_s),
     )
 
 
@@ -164,6 +167,18 @@ class Endpoint:
         if self._client is None or self._loop is not loop:
             self._client, self._loop = make_client(self.config, self.timeout_s), loop
         return self._client
+
+    @property
+    def chat_path(self) -> str:
+        """Where chat completions are POSTed. Azure names the deployment in the path, which
+        the SDK adds only to a dict body (the captioner's goes as bytes)."""
+        client = self.client
+        if (
+            isinstance(client, openai.AsyncAzureOpenAI)
+            and "/deployments" not in client.base_url.path
+        ):
+            return f"/deployments/{quote(self.model, safe='')}/chat/completions"
+        return "/chat/completions"
 
     async def aclose(self) -> None:
         if self._client is not None:
