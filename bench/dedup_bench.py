@@ -4,7 +4,7 @@ worker processes with 1 and several partitions, how often concurrent near copies
 become originals, and how fast a resumed run (or `dedup.against`) seeds the index from a
 corpus's data files, in the driver and by a Ray task per CPU.
 
-    .venv/bin/python bench/dedup_bench.py [--entries 1000000] [--claims 20000] [--pipeline-ms 4.2,17.6]
+    .venv/bin/python bench/dedup_bench.py [--entries 1000000] [--claims 20000] [--pipeline-ms 2.8,19.9]
         [--seed-rows 200000]
 """
 
@@ -228,7 +228,7 @@ def main() -> None:
     # client CPU per request of `bench/openai_bench.py --only floor` (its steady middle), pass-
     # through with dedup off and re-encode (this machine, 6 December 2026): what the dedup
     # cost is a share of
-    ap.add_argument("--pipeline-ms", default="4.2,17.6")
+    ap.add_argument("--pipeline-ms", default="2.8,19.9")
     args = ap.parse_args()
     index, bare, full = build(args.entries)
     per_image(index, args.reps, [float(x) for x in args.pipeline_ms.split(",")])

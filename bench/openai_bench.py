@@ -113,9 +113,15 @@ def pipeline(server: Server, shards: Path, corpus: Path, workers: int, *extra: s
     )
 
 
-def quota_use(events: list[dict], per_s: float, tokens: bool, skip_s: float = 60) -> dict:
+def quota_use(
+    events: list[dict], per_s: float, tokens: bool, skip_s: float = 60, until: float = 1.0
+) -> dict:
+    """Quota used from `skip_s` past the first request to the last answer, or (`until` < 1)
+    to the answer at that share of them: before the last shards drain, when fewer and fewer
+    workers have images left to send."""
     ok = [e for e in events if e["status"] == 200]
-    start, end = events[0]["t"] + skip_s, ok[-1]["t"] - 1.0  # past the start, before the tail
+    start = events[0]["t"] + skip_s  # past the start
+    end = ok[int(len(ok) * until) - 1]["t"] if until < 1 else ok[-1]["t"] - 1.0
     window = [e for e in ok if start <= e["t"] < end]
     used = sum(e["charged_tokens"] for e in window) if tokens else len(window)
     return {
@@ -207,7 +213,7 @@ def quantized(workdir: Path, workers: int, seconds: float, rpm: int = RPM, side:
         stats = server.stats()
     finally:
         server.stop()
-    return quota_use(stats["events"], rpm / 60, tokens=False, skip_s=5) | {"rpm": rpm}
+    return quota_use(stats["events"], rpm / 60, tokens=False, skip_s=5, until=0.9) | {"rpm": rpm}
 
 
 # --- the floor: client CPU per request, against a bare loop -----------------------------------
