@@ -46,6 +46,8 @@ CONFIGS = {
     "x_prediction": ("cpu", ["timesteps=uniform", "loss_weight=x0", "model.prediction=x0"]),
     # the sixth pass: every caption's third object within the token budget
     "tokens_64": ("cpu", ["text.max_tokens=64"]),
+    # the seventh pass: deeper and narrower at about the same parameters, for binding
+    "deep_narrow": ("cpu", ["model.width=96", "model.depth=6"]),
 }
 MARKS = (0.2, 0.5, 1.0)  # of --minutes: 2, 5 and 10 minutes at the default
 
