@@ -13,7 +13,8 @@ from its checkpoint). `before`: `tiny` with the settings the ablation used befor
 steps a short calibration run says the machine makes in `--minutes`); `fourth_pass`: it
 with the constant lr the fourth pass used; `third_pass`, `x_prediction`, `tokens_64` and
 `deep_narrow`: the settings the causes ablation measured against it. Every caption is
-encoded once before anything is timed. Prints one table and writes OUT/bench.json. Torch uses the threads it is given (`OMP_NUM_THREADS`, `--threads`).
+encoded once before anything is timed. Prints one table and writes OUT/bench.json. Torch
+uses the threads it is given (`OMP_NUM_THREADS`, `--threads`).
 """
 
 from __future__ import annotations
