@@ -11,10 +11,10 @@ the dense and the paraphrase style; evaluation time is not training time (the ru
 from its checkpoint). `before`: `tiny` with the settings the ablation used before (batch 32,
 40 caption tokens); `after`: the `cpu` preset (its cosine lr schedule ends at the
 steps a short calibration run says the machine makes in `--minutes`); `fourth_pass`: it
-with the constant lr the fourth pass used; `third_pass`, `x_prediction`, `tokens_64` and
-`deep_narrow`: the settings the causes ablation measured against it. Every caption is
-encoded once before anything is timed. Prints one table and writes OUT/bench.json. Torch
-uses the threads it is given (`OMP_NUM_THREADS`, `--threads`).
+with the constant lr the fourth pass used; `third_pass`, `x_prediction`, `tokens_64`,
+`deep_narrow` and `heads_8`: the settings the causes ablation measured against it. Every
+caption is encoded once before anything is timed. Prints one table and writes
+OUT/bench.json. Torch uses the threads it is given (`OMP_NUM_THREADS`, `--threads`).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ CONFIGS = {
     "tokens_64": ("cpu", ["text.max_tokens=64"]),
     # the seventh pass: deeper and narrower at about the same parameters, for binding
     "deep_narrow": ("cpu", ["model.width=96", "model.depth=6"]),
+    # the eighth pass: twice the attention heads (16 channels each), for binding
+    "heads_8": ("cpu", ["model.heads=8"]),
 }
 MARKS = (0.2, 0.5, 1.0)  # of --minutes: 2, 5 and 10 minutes at the default
 
