@@ -5,8 +5,8 @@
 The evaluation's colours, position and colour-binding prompts ask only for colour-kind pairs
 that `recaption scenes` never draws (`HELD_OUT`). This scores a trained run (its EMA weights)
 on those 18 prompts and on the same 18 with each held-out pair replaced by a seen pair of the
-same colour (the next kind the scenes do draw in it), in the dense style, N images a prompt
-(default 8), CFG 4, 20 Euler steps. Equal scores mean the held-out pairs are not the obstacle:
+same colour (the next kind the scenes do draw in it), both worded by the evaluation's own
+`pair_prompts`, in the dense style, N images a prompt (default 8), CFG 4, 20 Euler steps. Equal scores mean the held-out pairs are not the obstacle:
 the run would fail the seen pairs as often. Writes RUN/seen-vs-held.json.
 """
 
@@ -17,11 +17,9 @@ import sys
 from pathlib import Path
 
 from recaption.lens.eval import generate_styles, score
-from recaption.lens.prompts import Prompt, Want, dense
+from recaption.lens.prompts import pair_prompts
 from recaption.lens.sample import load_run
 from recaption.scenes import HELD_OUT, KINDS
-
-CELLS = ("top left", "bottom right", "top", "right", "bottom left", "left")  # as prompts.py
 
 
 def seen_counterparts(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -36,21 +34,6 @@ def seen_counterparts(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
                 out.append(pair)
                 break
     return out
-
-
-def pair_prompts(pairs: list[tuple[str, str]]) -> list[Prompt]:
-    """The colours, position and colour-binding prompts of prompts.py, over `pairs`."""
-    prompts = []
-    for color, kind in pairs:
-        wants = [Want(kind, color)]
-        prompts.append(Prompt("colors", "", dense(wants), wants))
-    for (color, kind), cell in zip(pairs, CELLS, strict=True):
-        wants = [Want(kind, color, cell)]
-        prompts.append(Prompt("position", "", dense(wants), wants))
-    for (c1, k1), (c2, k2) in zip(pairs, pairs[1:] + pairs[:1], strict=True):
-        wants = [Want(k1, c1), Want(k2, c2)]
-        prompts.append(Prompt("color_attr", "", dense(wants), wants))
-    return prompts
 
 
 def main(run: str, n: int = 8) -> None:

@@ -79,34 +79,45 @@ def dense(wants: list[Want]) -> str:
     )
 
 
+def _prompt(category: str, short: str, wants: list[Want], paraphrases: list[str], **kw) -> Prompt:
+    return Prompt(category, short, dense(wants), wants, paraphrases=paraphrases, **kw)
+
+
 def geneval_prompts() -> list[Prompt]:
-    pairs = sorted(HELD_OUT)
     out = []
-
-    def add(category: str, short: str, wants: list[Want], paraphrases: list[str], **kw) -> None:
-        out.append(Prompt(category, short, dense(wants), wants, paraphrases=paraphrases, **kw))
-
     for kind in KINDS:
-        add("single_object", f"a photo of {_a(kind)}", [Want(kind)], para.single_object(kind))
+        short = f"a photo of {_a(kind)}"
+        out.append(_prompt("single_object", short, [Want(kind)], para.single_object(kind)))
     for k1, k2 in itertools.combinations(KINDS, 2):
         # the dense layout puts the first object on the left: the paraphrase says so too
         wants = [Want(k1), Want(k2)]
-        add("two_object", f"a photo of {_a(k1)} and {_a(k2)}", wants, para.two_object(k1, k2))
+        short = f"a photo of {_a(k1)} and {_a(k2)}"
+        out.append(_prompt("two_object", short, wants, para.two_object(k1, k2)))
     for kind, n in itertools.product(KINDS, (2, 3)):
         short = f"a photo of {NUMBERS[n]} {kind}s"
-        add("counting", short, [Want(kind)] * n, para.counting(kind, n), exact_count=n)
+        out.append(
+            _prompt("counting", short, [Want(kind)] * n, para.counting(kind, n), exact_count=n)
+        )
+    return out + pair_prompts(sorted(HELD_OUT))
+
+
+def pair_prompts(pairs: list[tuple[str, str]]) -> list[Prompt]:
+    """The colours, position and colour-binding prompts, over six (colour, kind) pairs: the
+    evaluation's are the held-out ones; `docs/ablation/seen_pairs.py` asks for seen ones."""
+    out = []
     for color, kind in pairs:
         short = f"a photo of {_a(f'{color} {kind}')}"
-        add("colors", short, [Want(kind, color)], para.colors(color, kind))
+        out.append(_prompt("colors", short, [Want(kind, color)], para.colors(color, kind)))
     for (color, kind), cell in zip(
         pairs, ("top left", "bottom right", "top", "right", "bottom left", "left"), strict=True
     ):
         short = f"a photo of {_a(f'{color} {kind}')} {PLACES[cell]}"
-        add("position", short, [Want(kind, color, cell)], para.position(color, kind, cell))
+        wants = [Want(kind, color, cell)]
+        out.append(_prompt("position", short, wants, para.position(color, kind, cell)))
     for (c1, k1), (c2, k2) in zip(pairs, pairs[1:] + pairs[:1], strict=True):
         short = f"a photo of {_a(f'{c1} {k1}')} and {_a(f'{c2} {k2}')}"
         wants = [Want(k1, c1), Want(k2, c2)]
-        add("color_attr", short, wants, para.color_attr((c1, k1), (c2, k2)))
+        out.append(_prompt("color_attr", short, wants, para.color_attr((c1, k1), (c2, k2))))
     return out
 
 
