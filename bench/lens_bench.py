@@ -12,8 +12,8 @@ from its checkpoint). `before`: `tiny` with the settings the ablation used befor
 40 caption tokens); `after`: the `cpu` preset (its cosine lr schedule ends at the
 steps a short calibration run says the machine makes in `--minutes`); `fourth_pass`: it
 with the constant lr the fourth pass used; `third_pass`, `x_prediction`, `tokens_64`,
-`deep_narrow` and `heads_8`: the settings the causes ablation measured against it. Every
-caption is encoded once before anything is timed. Prints one table and writes
+`deep_narrow`, `heads_8` and `batch_16`: the settings the causes ablation measured against
+it. Every caption is encoded once before anything is timed. Prints one table and writes
 OUT/bench.json. Torch uses the threads it is given (`OMP_NUM_THREADS`, `--threads`).
 """
 
@@ -50,6 +50,8 @@ CONFIGS = {
     "deep_narrow": ("cpu", ["model.width=96", "model.depth=6"]),
     # the eighth pass: twice the attention heads (16 channels each), for binding
     "heads_8": ("cpu", ["model.heads=8"]),
+    # the eighth pass: half the batch, so twice the steps in the same time
+    "batch_16": ("cpu", ["batch_size=16"]),
 }
 MARKS = (0.2, 0.5, 1.0)  # of --minutes: 2, 5 and 10 minutes at the default
 
