@@ -6,8 +6,9 @@ The evaluation's colours, position and colour-binding prompts ask only for colou
 that `recaption scenes` never draws (`HELD_OUT`). This scores a trained run (its EMA weights)
 on those 18 prompts and on the same 18 with each held-out pair replaced by a seen pair of the
 same colour (the next kind the scenes do draw in it), both worded by the evaluation's own
-`pair_prompts`, in the dense style, N images a prompt (default 8), CFG 4, 20 Euler steps. Equal scores mean the held-out pairs are not the obstacle:
-the run would fail the seen pairs as often. Writes RUN/seen-vs-held.json.
+`pair_prompts`, in the dense style, N images a prompt (default 8), CFG 4, 20 Euler steps.
+Equal scores mean the held-out pairs are not the obstacle: the run would fail the seen pairs
+as often. Writes RUN/seen-vs-held.json.
 """
 
 from __future__ import annotations
