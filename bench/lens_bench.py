@@ -123,6 +123,7 @@ def warm_text_cache(corpus: Path, cfg: LensConfig, cache: Path) -> None:
 def bench_config(name: str, corpus: Path, out: Path, minutes: float, n: int) -> dict:
     preset, settings = CONFIGS[name]
     run_dir, cache = out / name, out / "text-cache"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: never resume an earlier bench's
     base = load_lens_config(preset, settings)
     warm_text_cache(corpus, base, cache)
     steps = 1_000_000  # the time budget stops the run
