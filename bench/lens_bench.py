@@ -9,13 +9,13 @@ each configuration trains for the wall time, stopping at 20%, 50% and 100% of it
 10 minutes at the default `--minutes 10`) to score the EMA weights on the held-out prompts in
 the dense and the paraphrase style; evaluation time is not training time (the run resumes
 from its checkpoint). `before`: `tiny` with the settings the ablation used before (batch 32,
-40 caption tokens); `after`: the `cpu` preset (its cosine lr schedule ends at the
-steps a short calibration run says the machine makes in `--minutes`); `fourth_pass`: it
+40 caption tokens); `after`: the `cpu` preset (its cosine lr schedule ends with the time
+budget, `minutes`, whatever the machine's pace); `fourth_pass`: it
 with the constant lr the fourth pass used; `third_pass`, `x_prediction`, `tokens_64`,
-`deep_narrow`, `heads_8`, `batch_16`, `batch_64`, `timesteps_mixed`, `shift_07` and
-`lr_5e-3`: the settings the causes ablation measured against it. Every caption is encoded
-once before anything is timed. Prints one table and writes OUT/bench.json. Torch uses the
-threads it is given (`OMP_NUM_THREADS`, `--threads`).
+`deep_narrow`, `heads_8`, `batch_16`, `batch_64`, `timesteps_mixed`, `shift_07`, `lr_5e-3`,
+`ninth_pass` and `positions_rope`: the settings the causes ablation measured against it. Every caption is
+encoded once before anything is timed. Prints one table and writes OUT/bench.json. Torch uses
+the threads it is given (`OMP_NUM_THREADS`, `--threads`).
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ CONFIGS = {
     "shift_07": ("cpu", ["timestep_shift=0.7"]),
     # the ninth pass: a higher peak lr under the cosine (gradient norms fall well under the clip)
     "lr_5e-3": ("cpu", ["lr=5e-3"]),
+    # the preset before the tenth pass fitted the patches' position frequencies to the grid
+    # (`after` was this in bench-tenth.json, and `positions_grid` the preset now)
+    "ninth_pass": ("cpu", ["model.positions=dit"]),
+    # the tenth pass: 2-D rotary positions in the attention as well
+    "positions_rope": ("cpu", ["model.positions=rope"]),
 }
 MARKS = (0.2, 0.5, 1.0)  # of --minutes: 2, 5 and 10 minutes at the default
 
@@ -90,27 +95,10 @@ def train_seconds(run_dir: Path) -> float:
     )
 
 
-def calibrate_steps(
-    preset: str, settings: list[str], corpus: Path, out: Path, seconds: float
-) -> int:
-    """The steps this machine takes in `seconds`, from a short run of the config: a decaying
-    lr schedule must end where the time budget does."""
-    cfg = load_lens_config(preset, [*settings, "steps=120", "sample.every=0", "sample.steps=1"])
-    run_dir = out / "calibrate"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    train(str(corpus), cfg, run_dir, cache_dir=out / "text-cache", progress=False)
-    rows = RunDir(run_dir).read_metrics()
-    # past the start (prefetch filling, first allocations): 60 steps read 17% slow
-    rate = float(np.mean([r["steps_per_s"] for r in rows if r["step"] > 60]))
-    shutil.rmtree(run_dir)
-    return max(1, int(rate * seconds))
-
-
 def warm_text_cache(corpus: Path, cfg: LensConfig, cache: Path) -> None:
     """Encode every caption the config trains on before anything is timed. Text features
     are cached per caption, so a run's first pass over its corpus is MiniLM's too (~45% of
-    a step): unwarmed, a calibration counted half the steps its timed run then made (whose
-    lr schedule ended at 5 of its 10 minutes), and the first config of a bench paid for the
+    a step): unwarmed, the first config of a bench paid in its timed minutes for the
     captions the later ones found cached."""
     columns = [SOURCE_COLUMNS[s] for s, share in cfg.data.caption_mix.items() if share > 0]
     table = pq.read_table(corpus / "data", columns=columns)
@@ -124,19 +112,17 @@ def bench_config(name: str, corpus: Path, out: Path, minutes: float, n: int) -> 
     preset, settings = CONFIGS[name]
     run_dir, cache = out / name, out / "text-cache"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: never resume an earlier bench's
-    base = load_lens_config(preset, settings)
-    warm_text_cache(corpus, base, cache)
-    steps = 1_000_000  # the time budget stops the run
-    if base.lr_schedule != "constant":
-        steps = calibrate_steps(preset, settings, corpus, out, minutes * 60)
-        print(f"  {name}: its lr schedule ends at step {steps} ({minutes:g} min here)")
-    # a stop writes a sample grid: keep it cheap, it is counted as training time
-    fixed = [f"steps={steps}", "sample.every=0", "sample.per_prompt=1", "sample.steps=4"]
-    cfg = load_lens_config(preset, [*settings, *fixed])
+    warm_text_cache(corpus, load_lens_config(preset, settings), cache)
+    # The time budget ends the run and its lr schedule together (`minutes`: the cosine
+    # follows the training clock), so every config anneals by its last mark at any pace. A
+    # stop writes a sample grid: keep it cheap, it is counted as training time.
+    fixed = [f"minutes={minutes}", "steps=10000000", "sample.every=0", "sample.steps=4"]
+    cfg = load_lens_config(preset, [*settings, *fixed, "sample.per_prompt=1"])
     points = []
     for mark in MARKS:
-        # training time is the steps' own time (metrics), not start-up, sampling or scoring
-        budget = mark * minutes * 60 - train_seconds(run_dir)
+        # training time is the steps' own time (metrics), not start-up, sampling or scoring;
+        # the last mark is the budget's own end
+        budget = mark * minutes * 60 - train_seconds(run_dir) if mark < 1 else None
         summary = train(
             str(corpus), cfg, run_dir, cache_dir=cache, progress=False, max_seconds=budget
         )
@@ -160,7 +146,6 @@ def bench_config(name: str, corpus: Path, out: Path, minutes: float, n: int) -> 
         "settings": settings,
         "batch_size": cfg.batch_size,
         "lr_schedule": cfg.lr_schedule,
-        "schedule_steps": steps if cfg.lr_schedule != "constant" else None,
         "steps_per_s": float(np.mean(warm)),
         "samples_per_s": float(np.mean(warm)) * cfg.batch_size,
         "points": points,

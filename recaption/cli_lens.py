@@ -14,7 +14,7 @@ def cmd_lens_train(args: argparse.Namespace) -> int:
     from recaption.lens.config import load_lens_config
 
     overrides = list(args.set)
-    for key in ("steps", "device", "batch_size"):
+    for key in ("steps", "minutes", "device", "batch_size"):
         if getattr(args, key) is not None:
             overrides.append(f"{key}={getattr(args, key)}")
     cfg = load_lens_config(args.config, overrides)
@@ -116,10 +116,18 @@ def add_lens_commands(sub: Any) -> None:
     )
     p.add_argument("--out", help="run folder (default runs/lens-CONFIG)")
     p.add_argument("--steps", type=int)
+    p.add_argument(
+        "--minutes",
+        type=float,
+        help="a time budget: the run and its lr schedule end after this many minutes of "
+        "training (or at --steps, whichever comes first)",
+    )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument(
-        "--max-minutes", type=float, help="stop after this long, with a checkpoint to resume"
+        "--max-minutes",
+        type=float,
+        help="pause after this long, with a checkpoint to resume (the schedule goes on)",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--cache-dir", type=Path, help="text feature cache (~/.cache/recaption/text)")

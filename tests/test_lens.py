@@ -104,6 +104,27 @@ def test_the_cosine_schedule_warms_up_then_falls_to_zero_at_the_last_step(corpus
     assert [learning_rate(flat, step) for step in range(2, 12)] == [1e-3] * 10
 
 
+def test_a_time_budget_ends_the_run_and_its_schedule_together(corpus, cache, tmp_path):
+    """`minutes`: the cosine follows the training clock, so it reaches 0 when the budget ends
+    whatever the machine's pace, and a paused run (--max-minutes) goes on with the clock it
+    checkpointed."""
+    c = cfg("steps=1000000", "minutes=0.05", "warmup_steps=2", "lr_schedule=cosine")
+    run_dir = tmp_path / "run"
+    paused = train(str(corpus), c, run_dir, cache, progress=False, max_seconds=1.0)
+    rest = train(str(corpus), c, run_dir, cache, progress=False)
+    assert rest.resumed_from == paused.steps > 0 and rest.steps < 1_000_000
+    rows = [json.loads(line) for line in _lines(run_dir / "metrics.jsonl")]
+    trained = sum(1 / r["steps_per_s"] for r in rows)  # log_every=1: a row a step
+    assert 3.0 <= trained < 3.0 + 5 * max(1 / r["steps_per_s"] for r in rows)
+    lrs = [r["lr"] for r in rows]
+    assert all(a >= b for a, b in itertools.pairwise(lrs[2:]))  # no restart at the resume
+    assert lrs[-1] < 0.02 * c.lr
+    state = torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=True)
+    assert state["seconds"] == pytest.approx(trained, rel=1e-3)
+    # done: a further call trains nothing
+    assert train(str(corpus), c, run_dir, cache, progress=False).losses == []
+
+
 def test_a_killed_run_resumes_with_the_uninterrupted_next_losses(corpus, cache, tmp_path):
     killed = tmp_path / "killed"
     argv = [sys.executable, "-m", "recaption.cli", "lens", "train", "--quiet"]
@@ -138,6 +159,12 @@ def test_a_run_resumes_only_with_the_same_settings(corpus, cache, tmp_path):
     train(str(corpus), cfg("steps=2"), tmp_path / "run", cache, progress=False)
     with pytest.raises(ConfigError, match="model"):
         train(str(corpus), cfg("steps=4", "model.depth=3"), tmp_path / "run", cache, progress=False)
+    # a run written before keys were added (their defaults then) resumes
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    del record["config"]["model"]["positions"], record["config"]["minutes"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(record))
+    resumed = train(str(corpus), cfg("steps=4"), tmp_path / "run", cache, progress=False)
+    assert resumed.resumed_from == 2 and resumed.steps == 4
 
 
 def test_sampling_writes_images_of_the_right_shape(corpus, cache, tmp_path):

@@ -113,3 +113,79 @@ def test_x_prediction_returns_the_velocity_of_the_clean_image_it_draws():
     tb = t.clamp(min=MIN_T).view(-1, 1, 1, 1)
     assert torch.allclose(x - tb * v, drawn, atol=1e-5)
     assert torch.allclose(v[0], x[0] - drawn[0], atol=1e-5)  # at pure noise: v = e - x0
+
+
+def test_the_last_block_skips_only_text_work_nothing_reads():
+    """The last joint block leaves out the text stream's queries, projection and MLP: the
+    prediction is exactly the full block's, and those weights get no gradient."""
+    from recaption.lens.model import JointBlock
+
+    torch.manual_seed(0)
+    model = MMDiT(load_lens_config("cpu", [*SMALL, "model.depth=2"]).model, 12, text_layers=3)
+    for p in model.parameters():  # adaLN-Zero outputs 0 at init; wake it up
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, text = torch.randn(3, 3, 32, 32), torch.rand(3), torch.randn(3, 5, 12)
+    mask = torch.tensor([[1, 1, 1, 0, 0]] * 3, dtype=torch.bool)
+    skipped = model(x, t, text, mask)
+    full_forward = JointBlock.forward
+    try:  # every block as a middle one
+        JointBlock.forward = lambda self, *a: full_forward(self, *a[:4], False, *a[5:])
+        full = model(x, t, text, mask)
+    finally:
+        JointBlock.forward = full_forward
+    assert torch.allclose(skipped, full, atol=1e-6)
+    model(x, t, text, mask).square().mean().backward()
+    last = model.blocks[-1].text
+    assert last.mlp[0].weight.grad is None and last.proj.weight.grad is None
+    assert model.blocks[0].text.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_grid_positions_tell_neighbouring_patches_apart():
+    """DiT's frequencies barely turn across an 8x8 grid; `positions: grid` spreads them over
+    it: the `cpu` preset's. Old configs (no key) keep DiT's."""
+    from recaption.lens.config import ModelConfig
+    from recaption.lens.model import position_embedding_2d
+
+    assert load_lens_config("cpu").model.positions == "grid"
+    assert load_lens_config("tiny").model.positions == ModelConfig().positions == "dit"
+
+    def varying_share(pos: torch.Tensor) -> float:  # of the embedding's energy
+        return float((pos - pos.mean(0)).pow(2).sum() / pos.pow(2).sum())
+
+    def neighbours(pos: torch.Tensor) -> float:  # cosine of two adjacent patches
+        unit = torch.nn.functional.normalize(pos, dim=1)
+        return float(unit[27] @ unit[28])
+
+    dit, grid = position_embedding_2d(8, 128), position_embedding_2d(8, 128, fit=True)
+    assert varying_share(dit) < 0.2 < 0.7 < varying_share(grid)
+    assert neighbours(grid) < 0.9 < 0.95 < neighbours(dit)
+    model = MMDiT(load_lens_config("cpu", [*SMALL, "model.positions=grid"]).model, 12, 3)
+    assert torch.allclose(model.pos[0], position_embedding_2d(8, 32, fit=True))
+
+
+def test_rotary_positions_make_attention_depend_on_the_offset_between_patches():
+    """`positions: rope`: an image query meets an image key by their offset alone (the same
+    pair of vectors scores alike one row down), and a text key, never turned, by the query's
+    own place."""
+    from recaption.lens.model import rotary_2d, rotate
+
+    torch.manual_seed(0)
+    angles = rotary_2d(8, 16)
+    q, k = torch.randn(16), torch.randn(16)
+
+    def score(at_q: int, at_k: int) -> float:
+        return float(
+            rotate(q[None], angles[at_q : at_q + 1])[0]
+            @ rotate(k[None], angles[at_k : at_k + 1])[0]
+        )
+
+    assert abs(score(0 * 8 + 1, 2 * 8 + 3) - score(1 * 8 + 1, 3 * 8 + 3)) < 1e-5  # a row down
+    assert abs(score(9, 9) - float(q @ k)) < 1e-5
+    assert abs(score(0, 30) - score(0, 29)) > 1e-3  # another offset, another score
+    to_text = [float(rotate(q[None], angles[i : i + 1])[0] @ k) for i in (0, 27, 63)]
+    assert max(to_text) - min(to_text) > 1e-2
+    model = MMDiT(load_lens_config("cpu", [*SMALL, "model.positions=rope"]).model, 12, 3)
+    assert (
+        model.angles.shape == (64, 8)
+        and MMDiT(load_lens_config("cpu", SMALL).model, 12, 3).angles is None
+    )

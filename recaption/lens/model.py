@@ -3,7 +3,8 @@
 Each stream (text, image) has its own weights (norms, QKV, output projection, MLP) and its
 own adaLN-Zero modulation from the conditioning vector (timestep + pooled text); only the
 attention is shared, over the concatenated sequence. Image tokens are patches with fixed 2-D
-sine-cosine positions; the final layer predicts each patch (its velocity, or its clean pixels).
+sine-cosine positions (DiT's frequencies, or fitted to the grid; optionally rotary positions in
+the attention too); the final layer predicts each patch (its velocity, or its clean pixels).
 
 The model works on whatever `x` is: pixels here. A latent autoencoder would sit outside it,
 turning images into `x` and back (`channels` is the seam).
@@ -41,10 +42,25 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def position_embedding_2d(grid: int, dim: int) -> torch.Tensor:
-    """Fixed sine-cosine positions for a grid x grid of patches: [grid*grid, dim]."""
+def grid_frequencies(grid: int, n: int) -> torch.Tensor:
+    """n angular frequencies, per patch, for positions on a grid of `grid` patches a side:
+    wavelengths from 4 patches to 4 * grid, geometrically spaced."""
+    return (math.pi / 2) / grid ** (torch.arange(n) / n)
+
+
+def position_embedding_2d(grid: int, dim: int, fit: bool = False) -> torch.Tensor:
+    """Fixed sine-cosine positions for a grid x grid of patches: [grid*grid, dim].
+
+    DiT's frequencies (wavelengths 2*pi to 2*pi*10,000 patches) are made for large grids: on
+    an 8x8 grid most of them barely turn, so 86% of the embedding is the same at every
+    patch and neighbouring patches' embeddings have a cosine of 0.98. `fit` spreads the
+    frequencies over the grid instead (wavelengths 4 to 4*grid patches): 74% of it varies
+    with the position, neighbours' cosine 0.86."""
     quarter = dim // 4
-    omega = 1.0 / 10_000 ** (torch.arange(quarter) / quarter)
+    if fit:
+        omega = grid_frequencies(grid, quarter)
+    else:
+        omega = 1.0 / 10_000 ** (torch.arange(quarter) / quarter)
     ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
 
     def axis(pos: torch.Tensor) -> torch.Tensor:
@@ -52,6 +68,23 @@ def position_embedding_2d(grid: int, dim: int) -> torch.Tensor:
         return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
     return torch.cat([axis(ys), axis(xs)], dim=1)
+
+
+def rotary_2d(grid: int, head_dim: int) -> torch.Tensor:
+    """2-D rotary angles for a grid x grid of patches: [grid*grid, head_dim // 2], half of
+    each head's channel pairs turned by the patch's row, half by its column, at the grid-fitted
+    frequencies of `position_embedding_2d`."""
+    theta = grid_frequencies(grid, head_dim // 4)
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([ys.flatten()[:, None] * theta, xs.flatten()[:, None] * theta], dim=1)
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Turn each consecutive channel pair of x [..., n, head_dim] by angles [n, head_dim // 2]."""
+    pairs = x.unflatten(-1, (-1, 2))
+    cos, sin = angles.cos(), angles.sin()
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
 
 
 class Stream(nn.Module):
@@ -95,13 +128,29 @@ class JointBlock(nn.Module):
         self.image = Stream(width, heads, mlp_ratio)
 
     def forward(
-        self, txt: torch.Tensor, img: torch.Tensor, c: torch.Tensor, keep: torch.Tensor
+        self,
+        txt: torch.Tensor,
+        img: torch.Tensor,
+        c: torch.Tensor,
+        keep: torch.Tensor,
+        last: bool = False,
+        angles: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`last`: nothing reads the text stream after this block, so its queries, projection
+        and MLP are skipped (SD3's last block does the same); the text is returned as it came.
+        `angles`: the image queries and keys are turned by their patch's place (`rotary_2d`);
+        the text's are not, as in FLUX."""
         t_qkv, t_mod = self.text.attend_inputs(txt, c)
         i_qkv, i_mod = self.image.attend_inputs(img, c)
+        if angles is not None:
+            i_qkv = (rotate(i_qkv[0], angles), rotate(i_qkv[1], angles), i_qkv[2])
         q, k, v = (torch.cat(pair, dim=2) for pair in zip(t_qkv, i_qkv, strict=True))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).flatten(2)
         n = txt.shape[1]
+        if last:
+            q = q[:, :, n:]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).flatten(2)
+        if last:
+            return txt, self.image.finish(img, out, i_mod)
         return self.text.finish(txt, out[:, :n], t_mod), self.image.finish(img, out[:, n:], i_mod)
 
 
@@ -133,7 +182,10 @@ class MMDiT(nn.Module):
         w, p = cfg.width, cfg.patch
         self.grid = cfg.image_size // p
         self.patch_in = nn.Linear(channels * p * p, w)
-        self.register_buffer("pos", position_embedding_2d(self.grid, w)[None], persistent=False)
+        pos = position_embedding_2d(self.grid, w, fit=cfg.positions != "dit")
+        self.register_buffer("pos", pos[None], persistent=False)
+        angles = rotary_2d(self.grid, w // cfg.heads) if cfg.positions == "rope" else None
+        self.register_buffer("angles", angles, persistent=False)
         # joint keeps the original layout (text_in.0 a LayerNorm), so old runs still load
         norm = (
             nn.LayerNorm(text_dim) if cfg.text_norm == "joint" else TextNorm(text_dim, text_layers)
@@ -168,8 +220,8 @@ class MMDiT(nn.Module):
         c = self.time_mlp(timestep_embedding(t, 256).to(x.dtype)) + self.pooled_mlp(pooled)
         # keys that may be attended to: real text tokens and every image token
         keep = torch.cat([mask, mask.new_ones(b, img.shape[1])], dim=1)[:, None, None, :]
-        for block in self.blocks:
-            txt, img = block(txt, img, c, keep)
+        for i, block in enumerate(self.blocks):
+            txt, img = block(txt, img, c, keep, i == len(self.blocks) - 1, self.angles)
         shift, scale = self.final_adaln(c).chunk(2, dim=-1)
         out = self.unpatchify(self.patch_out(modulate(self.final_norm(img), shift, scale)))
         if self.cfg.prediction == "velocity":

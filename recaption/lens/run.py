@@ -26,6 +26,7 @@ from recaption.lens.config import LensConfig
 # keys that may change between a run and its resumption: they do not change what is learnt
 RESUMABLE_CHANGES = {
     "steps",
+    "minutes",
     "sample",
     "log_every",
     "checkpoint_every",
@@ -52,8 +53,10 @@ class RunDir:
     def check_resumable(self, cfg: LensConfig, corpus: str) -> None:
         """A run folder resumes only the same training: same corpus and same settings."""
         old = self.read_config()
+        # through the model: keys added since the run was written read as their defaults
+        before = type(cfg).model_validate(old["config"]).model_dump(mode="json")
         new = cfg.model_dump(mode="json")
-        changed = [k for k in new if k not in RESUMABLE_CHANGES and old["config"].get(k) != new[k]]
+        changed = [k for k in new if k not in RESUMABLE_CHANGES and before[k] != new[k]]
         if old.get("corpus") != corpus:
             changed.insert(0, "corpus")
         if changed:

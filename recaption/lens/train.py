@@ -69,12 +69,23 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p, 1 - decay)
 
 
-def learning_rate(cfg: LensConfig, step: int) -> float:
-    """The lr of step `step` (0-based): a linear warm-up, then constant or a cosine to 0 at
-    `cfg.steps`. A function of the step alone, so a resumed run goes on where it stopped."""
+def fraction_done(cfg: LensConfig, step: int, seconds: float) -> float:
+    """How far the run is, 0..1: by steps, or by training time when it has a time budget."""
+    done = step / cfg.steps
+    if cfg.minutes is not None:
+        done = max(done, seconds / (60 * cfg.minutes))
+    return min(1.0, done)
+
+
+def learning_rate(cfg: LensConfig, step: int, seconds: float = 0.0) -> float:
+    """The lr of step `step` (0-based) after `seconds` of training: a linear warm-up, then
+    constant or a cosine to 0 at the run's end. Without a time budget it is a function of the
+    step alone, so a resumed run takes exactly the steps it would have; with one, the
+    schedule follows the clock (checkpointed), so it ends when the budget does on any
+    machine, but is not bit-for-bit reproducible."""
     lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
     if cfg.lr_schedule == "cosine":
-        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.steps)))
+        lr *= 0.5 * (1 + math.cos(math.pi * fraction_done(cfg, step, seconds)))
     return lr
 
 
@@ -86,8 +97,8 @@ def train(
     progress: bool = True,
     max_seconds: float | None = None,
 ) -> TrainSummary:
-    """Train to `cfg.steps`, or stop early after `max_seconds` with a checkpoint that a
-    later call resumes from."""
+    """Train to `cfg.steps` or the end of `cfg.minutes` of training, or stop early after
+    `max_seconds` with a checkpoint that a later call resumes from."""
     run = RunDir(out)
     device = pick_device(cfg.device)
     if "://" not in corpus:
@@ -105,7 +116,7 @@ def train(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay
     )
     noise = torch.Generator().manual_seed(cfg.seed)  # timesteps and noise, on the CPU
-    step = 0
+    step, seconds = 0, 0.0  # seconds: spent in training steps, over every invocation
     if checkpoint is not None:
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -114,7 +125,7 @@ def train(
         noise.set_state(state["noise"])
         stream.epoch, stream.consumed = state["stream"]["epoch"], state["stream"]["consumed"]
         stream.drawn = Counter(state["stream"]["drawn"])
-        step = state["step"]
+        step, seconds = state["step"], state.get("seconds", 0.0)
         run.truncate_metrics(step)
     run.write_config(
         {
@@ -129,25 +140,26 @@ def train(
         }
     )
     summary = TrainSummary(run=run.path, steps=step, resumed_from=step)
-    if step >= cfg.steps:
+    if fraction_done(cfg, step, seconds) >= 1:
         return summary
 
     # bf16 autocast where it pays (GPU); on the CPU fp32 is faster and exact on resume
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     batches = prefetch(stream.batches(cfg.batch_size))
     window = _Window()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="lens train", unit="step")
+    total = cfg.steps if cfg.minutes is None else None  # a time budget: steps unknown
+    bar = tqdm(total=total, initial=step, disable=not progress, desc="lens train", unit="step")
     started, start_step = time.perf_counter(), step
     model.train()
     try:
-        while step < cfg.steps:
+        while True:
             t0 = time.perf_counter()
             batch = next(batches)
             t1 = time.perf_counter()
             text = encoder(batch.captions)
             x0 = to_pixels(batch.images, device)
             t2 = time.perf_counter()
-            lr = learning_rate(cfg, step)
+            lr = learning_rate(cfg, step, seconds)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
@@ -170,10 +182,12 @@ def train(
             value = loss.item()
             if not math.isfinite(value):
                 raise RuntimeError(f"loss is {value} at step {step}; lower lr or check the data")
+            took = time.perf_counter() - t0
+            seconds += took
             summary.losses.append(value)
-            window.add(value, t1 - t0, t2 - t1, time.perf_counter() - t0, batch, text.truncated)
+            window.add(value, t1 - t0, t2 - t1, took, batch, text.truncated)
             bar.update(1)
-            last = step == cfg.steps or (
+            last = fraction_done(cfg, step, seconds) >= 1 or (
                 max_seconds is not None and time.perf_counter() - started > max_seconds
             )
             if step % cfg.log_every == 0 or last:
@@ -190,6 +204,7 @@ def train(
                         "optimizer": optimizer.state_dict(),
                         "noise": noise.get_state(),
                         "stream": batch.state,
+                        "seconds": seconds,
                     },
                     cfg.keep_checkpoints,
                 )
