@@ -10,10 +10,10 @@ each configuration trains for the wall time, stopping at 20%, 50% and 100% of it
 the dense and the paraphrase style; evaluation time is not training time (the run resumes
 from its checkpoint). `before`: `tiny` with the settings the ablation used before (batch 32,
 40 caption tokens); `after`: the `cpu` preset (its cosine lr schedule ends with the time
-budget, `minutes`, whatever the machine's pace); `fourth_pass`: it
-with the constant lr the fourth pass used; `third_pass`, `x_prediction`, `tokens_64`,
-`deep_narrow`, `heads_8`, `batch_16`, `batch_64`, `timesteps_mixed`, `shift_07`, `lr_5e-3`,
-`ninth_pass` and `positions_rope`: the settings the causes ablation measured against it. Every caption is
+budget, `minutes`, whatever the machine's pace); `fourth_pass`: it with the constant lr the
+fourth pass used; `third_pass`, `x_prediction`, `tokens_64`, `deep_narrow`, `heads_8`,
+`batch_16`, `batch_64`, `timesteps_mixed`, `shift_07`, `lr_5e-3`, `ninth_pass` and
+`positions_rope`: the settings the causes ablation measured against it. Every caption is
 encoded once before anything is timed. Prints one table and writes OUT/bench.json. Torch uses
 the threads it is given (`OMP_NUM_THREADS`, `--threads`).
 """
@@ -116,8 +116,8 @@ def bench_config(name: str, corpus: Path, out: Path, minutes: float, n: int) -> 
     # The time budget ends the run and its lr schedule together (`minutes`: the cosine
     # follows the training clock), so every config anneals by its last mark at any pace. A
     # stop writes a sample grid: keep it cheap, it is counted as training time.
-    fixed = [f"minutes={minutes}", "steps=10000000", "sample.every=0", "sample.steps=4"]
-    cfg = load_lens_config(preset, [*settings, *fixed, "sample.per_prompt=1"])
+    fixed = [f"minutes={minutes}", "steps=10000000", "sample.every=0", "sample.per_prompt=1"]
+    cfg = load_lens_config(preset, [*settings, *fixed, "sample.steps=4"])
     points = []
     for mark in MARKS:
         # training time is the steps' own time (metrics), not start-up, sampling or scoring;
