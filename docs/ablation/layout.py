@@ -25,17 +25,20 @@ from recaption.lens.prompts import geneval_prompts
 from recaption.lens.sample import load_run
 
 
-def cell_shares(run: str, ts: tuple[float, ...] = (1.0, 0.95, 0.8), n: int = 64) -> dict:
+def cell_shares(
+    run: str, ts: tuple[float, ...] = (1.0, 0.95, 0.8), n: int = 64
+) -> dict[float, list[float]]:
+    """t -> each position prompt's share of its own mass in its cell."""
     loaded = load_run(run, "cpu")
     size = loaded.cfg.model.image_size
     prompts = [p for p in geneval_prompts() if p.category == "position"]
+    texts = [loaded.encoder([p.dense] * n) for p in prompts]  # encoded once, used at every t
     noise = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
     edges = np.linspace(0, size, 4).round().astype(int)
     out = {}
     for t in ts:
         means = []
-        for prompt in prompts:
-            text = loaded.encoder([prompt.dense] * n)
+        for text in texts:
             x_t = t * noise + (1 - t)  # a white background (1.0) with no shape, then noised
             with torch.no_grad():
                 v = loaded.model(x_t, torch.full((n,), t), text.tokens, text.mask)
