@@ -37,9 +37,9 @@ def cell_shares(
     edges = np.linspace(0, size, 4).round().astype(int)
     out = {}
     for t in ts:
+        x_t = t * noise + (1 - t)  # a white background (1.0) with no shape, then noised
         means = []
         for text in texts:
-            x_t = t * noise + (1 - t)  # a white background (1.0) with no shape, then noised
             with torch.no_grad():
                 v = loaded.model(x_t, torch.full((n,), t), text.tokens, text.mask)
             x0 = x_t - t * v
