@@ -29,7 +29,7 @@ from recaption.lens.data import DROPPED, CorpusStream
 from recaption.lens.model import MMDiT
 from recaption.lens.sample import generate, load_run
 from recaption.lens.text import TextEncoder
-from recaption.lens.train import learning_rate, train
+from recaption.lens.train import learning_rate, make_optimizers, train
 from recaption.pipeline import run
 from recaption.samples import write_samples
 
@@ -153,6 +153,37 @@ def test_a_killed_run_resumes_with_the_uninterrupted_next_losses(corpus, cache, 
     # what the killed run logged past its checkpoint was dropped, then redone
     steps = [json.loads(line)["step"] for line in _lines(killed / "metrics.jsonl")]
     assert steps == list(range(1, last + 4))
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_a_paused_run_resumes_both_optimizers_states(corpus, cache, tmp_path, optimizer):
+    """Muon keeps the blocks' matrices and AdamW the rest: both states are checkpointed, so a
+    resumed run takes the steps an uninterrupted one would. A checkpoint from before the split
+    (one AdamW state, not a list) resumes too."""
+    c = (f"optimizer={optimizer}", "checkpoint_every=2", "lr=3e-3")
+    train(str(corpus), cfg("steps=2", *c), tmp_path / "paused", cache, progress=False)
+    if optimizer == "adamw":  # the checkpoint as runs wrote it before `optimizer` existed
+        path = tmp_path / "paused" / "checkpoints" / "step-0000002.pt"
+        state = torch.load(path, weights_only=True)
+        (state["optimizer"],) = state["optimizer"]
+        torch.save(state, path)
+    resumed = train(str(corpus), cfg("steps=5", *c), tmp_path / "paused", cache, progress=False)
+    straight = train(str(corpus), cfg("steps=5", *c), tmp_path / "straight", cache, progress=False)
+    assert resumed.resumed_from == 2
+    assert resumed.losses == pytest.approx(straight.losses[2:], rel=1e-6, abs=0)
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_every_other_weight():
+    model = MMDiT(cfg().model, text_dim=48, text_layers=3)
+    muon, adamw = make_optimizers(model, cfg("optimizer=muon"))
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    held = [p for o in (muon, adamw) for g in o.param_groups for p in g["params"]]
+    assert sorted(map(id, held)) == sorted(id(p) for p in model.parameters())  # each once
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = [names[id(p)] for g in muon.param_groups for p in g["params"]]
+    assert in_muon and all(n.startswith("blocks.") for n in in_muon)
+    assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
+    assert "blocks.0.image.qkv.weight" in in_muon and "patch_out.weight" not in in_muon
 
 
 def test_a_run_resumes_only_with_the_same_settings(corpus, cache, tmp_path):

@@ -1,11 +1,11 @@
 """`recaption lens train`: the training loop. Start reading at `train`.
 
 corpus Parquet ─(CorpusStream, background thread)─▶ images + captions ─(TextEncoder, cached)─▶
-text tokens ─▶ MMDiT, rectified-flow loss ─▶ AdamW, EMA ─▶ metrics, checkpoints, sample grids
+text tokens ─▶ MMDiT, rectified-flow loss ─▶ Muon + AdamW, EMA ─▶ metrics, checkpoints, sample grids
 
 A killed run resumes from its last checkpoint with the same next step as if it had never
-stopped: the checkpoint holds the model, EMA, optimiser, the noise generator and the data
-stream's position.
+stopped: the checkpoint holds the model, EMA, both optimisers, the noise generator and the
+data stream's position.
 """
 
 from __future__ import annotations
@@ -89,6 +89,26 @@ def learning_rate(cfg: LensConfig, step: int, seconds: float = 0.0) -> float:
     return lr
 
 
+def make_optimizers(model: MMDiT, cfg: LensConfig) -> list[torch.optim.Optimizer]:
+    """AdamW over every weight, or (`optimizer: muon`) Muon over the joint blocks' matrices and
+    AdamW over the rest (embeddings, the output head, norms and biases), the split Muon's
+    authors use: it orthogonalises 2-D hidden weights' updates only."""
+    adamw = {"betas": (0.9, 0.99), "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "adamw":
+        return [torch.optim.AdamW(model.parameters(), lr=cfg.lr, **adamw)]
+    hidden = [
+        p for name, p in model.named_parameters() if name.startswith("blocks.") and p.ndim == 2
+    ]
+    chosen = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in chosen]
+    return [
+        torch.optim.Muon(
+            hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"
+        ),
+        torch.optim.AdamW(rest, lr=cfg.lr, **adamw),
+    ]
+
+
 def train(
     corpus: str,
     cfg: LensConfig,
@@ -112,16 +132,18 @@ def train(
     encoder = TextEncoder(cfg.text, cache_dir, device)
     model = MMDiT(cfg.model, encoder.dim, text_layers=len(cfg.text.layers)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay
-    )
+    optimizers = make_optimizers(model, cfg)
     noise = torch.Generator().manual_seed(cfg.seed)  # timesteps and noise, on the CPU
     step, seconds = 0, 0.0  # seconds: spent in training steps, over every invocation
     if checkpoint is not None:
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        saved = state["optimizer"]
+        for optimizer, opt_state in zip(
+            optimizers, saved if isinstance(saved, list) else [saved], strict=True
+        ):
+            optimizer.load_state_dict(opt_state)
         noise.set_state(state["noise"])
         stream.epoch, stream.consumed = state["stream"]["epoch"], state["stream"]["consumed"]
         stream.drawn = Counter(state["stream"]["drawn"])
@@ -160,8 +182,9 @@ def train(
             x0 = to_pixels(batch.images, device)
             t2 = time.perf_counter()
             lr = learning_rate(cfg, step, seconds)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             with autocast:
                 loss = flow_loss(
                     model,
@@ -173,10 +196,12 @@ def train(
                     cfg.timestep_shift,
                     cfg.loss_weight,
                 )
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
             update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
             step += 1
             value = loss.item()
@@ -201,7 +226,7 @@ def train(
                         "step": step,
                         "model": model.state_dict(),
                         "ema": ema.state_dict(),
-                        "optimizer": optimizer.state_dict(),
+                        "optimizer": [optimizer.state_dict() for optimizer in optimizers],
                         "noise": noise.get_state(),
                         "stream": batch.state,
                         "seconds": seconds,
