@@ -13,9 +13,9 @@ from its checkpoint). `before`: `tiny` with the settings the ablation used befor
 budget, `minutes`, whatever the machine's pace); `fourth_pass`: it with the constant lr the
 fourth pass used; `third_pass`, `x_prediction`, `tokens_64`, `deep_narrow`, `heads_8`,
 `batch_16`, `batch_64`, `timesteps_mixed`, `shift_07`, `lr_5e-3`, `ninth_pass`,
-`positions_rope` and `twelfth_pass`: the settings the causes ablation measured against it. Every caption is
-encoded once before anything is timed. Prints one table and writes OUT/bench.json. Torch uses
-the threads it is given (`OMP_NUM_THREADS`, `--threads`).
+`positions_rope` and `twelfth_pass`: the settings the causes ablation measured against it.
+Every caption is encoded once before anything is timed. Prints one table and writes
+OUT/bench.json. Torch uses the threads it is given (`OMP_NUM_THREADS`, `--threads`).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--scenes", type=int, default=2000)
     # 960 Muon steps (the `cpu` preset's optimiser since the thirteenth pass) take the time
-    # 1,200 AdamW steps took: a Muon step costs 1.25x, and the ablation must fit 40 minutes
+    # 1,200 AdamW steps took (a Muon step costs 1.2-1.25x): the ablation must fit 40 minutes
     p.add_argument("--steps", type=int, default=960, help="training steps of every arm")
     # dense and alt first: their seeds are what the thesis needs if a run is cut short
     p.add_argument(

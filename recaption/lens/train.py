@@ -4,7 +4,7 @@ corpus Parquet ─(CorpusStream, background thread)─▶ images + captions ─(
 text tokens ─▶ MMDiT, rectified-flow loss ─▶ Muon + AdamW, EMA ─▶ metrics, checkpoints, sample grids
 
 A killed run resumes from its last checkpoint with the same next step as if it had never
-stopped: the checkpoint holds the model, EMA, both optimisers, the noise generator and the
+stopped: the checkpoint holds the model, EMA, the optimisers, the noise generator and the
 data stream's position.
 """
 
