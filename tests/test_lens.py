@@ -156,7 +156,7 @@ def test_a_killed_run_resumes_with_the_uninterrupted_next_losses(corpus, cache, 
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
-def test_a_paused_run_resumes_both_optimizers_states(corpus, cache, tmp_path, optimizer):
+def test_a_paused_run_resumes_with_its_optimizers_states(corpus, cache, tmp_path, optimizer):
     """Muon keeps the blocks' matrices and AdamW the rest: both states are checkpointed, so a
     resumed run takes the steps an uninterrupted one would. A checkpoint from before the split
     (one AdamW state, not a list) resumes too."""
