@@ -189,3 +189,33 @@ def test_rotary_positions_make_attention_depend_on_the_offset_between_patches():
         model.angles.shape == (64, 8)
         and MMDiT(load_lens_config("cpu", SMALL).model, 12, 3).angles is None
     )
+
+
+def test_text_mix_carries_neighbouring_words_and_never_the_padding():
+    """`model.text_mix: k`: a depthwise convolution over the caption's tokens. It starts as
+    the identity (the same prediction as without it), a token then reads words at most k // 2
+    away, and padding past the mask changes nothing."""
+    torch.manual_seed(0)
+    plain = MMDiT(load_lens_config("cpu", [*SMALL, "model.text_mix=0"]).model, 12, 3)
+    mixed = MMDiT(load_lens_config("cpu", [*SMALL, "model.text_mix=5"]).model, 12, 3)
+    mixed.load_state_dict(plain.state_dict(), strict=False)
+    for model in (plain, mixed):
+        for name, p in model.named_parameters():
+            if "text_mix" not in name:  # wake adaLN-Zero up, the same weights in both
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))
+    x, t, text = torch.randn(2, 3, 32, 32), torch.rand(2), torch.randn(2, 9, 12)
+    mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3], dtype=torch.bool)
+    assert torch.allclose(plain(x, t, text, mask), mixed(x, t, text, mask), atol=1e-6)
+
+    torch.nn.init.normal_(mixed.text_mix.weight, std=0.3)  # as if trained
+    padded = text.clone()
+    padded[1, 6:] = 100.0  # garbage where the mask says no token
+    assert torch.allclose(mixed(x, t, text, mask), mixed(x, t, padded, mask), atol=1e-5)
+
+    txt = torch.randn(1, 9, 32)
+    moved = txt.clone()
+    moved[0, 0] += 1.0  # the first word changes
+    out = (mixed.text_mix(moved.transpose(1, 2)) - mixed.text_mix(txt.transpose(1, 2))).abs()
+    reach = out.sum(1)[0] > 0
+    assert reach[:3].all() and not reach[3:].any()  # tokens 0..2 read it (k // 2 = 2), no further
+    assert MMDiT(load_lens_config("tiny", SMALL).model, 12, 3).text_mix is None

@@ -191,6 +191,14 @@ class MMDiT(nn.Module):
             nn.LayerNorm(text_dim) if cfg.text_norm == "joint" else TextNorm(text_dim, text_layers)
         )
         self.text_in = nn.Sequential(norm, nn.Linear(text_dim, w))
+        self.text_mix = None
+        if cfg.text_mix:
+            k = cfg.text_mix
+            # depthwise: each channel mixes its own neighbours; starts as the identity
+            self.text_mix = nn.Conv1d(w, w, k, padding=k // 2, groups=w, bias=False)
+            with torch.no_grad():
+                self.text_mix.weight.zero_()
+                self.text_mix.weight[:, 0, k // 2] = 1
         self.time_mlp = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
         self.pooled_mlp = nn.Sequential(nn.Linear(text_dim, w), nn.SiLU(), nn.Linear(w, w))
         self.blocks = nn.ModuleList(
@@ -216,6 +224,9 @@ class MMDiT(nn.Module):
             text = self.text_in[0](text)  # the pooled vector sees normalised features too
             txt = self.text_in[1](text)
         m = mask.to(text.dtype).unsqueeze(-1)
+        if self.text_mix is not None:
+            txt = txt * m  # padding must not leak into the last real tokens
+            txt = self.text_mix(txt.transpose(1, 2)).transpose(1, 2)
         pooled = (text * m).sum(1) / m.sum(1).clamp(min=1)
         c = self.time_mlp(timestep_embedding(t, 256).to(x.dtype)) + self.pooled_mlp(pooled)
         # keys that may be attended to: real text tokens and every image token
