@@ -3,8 +3,10 @@ the `cpu` preset, and that runs written before them still load."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from recaption.config import ConfigError
 from recaption.lens.config import load_lens_config
 from recaption.lens.flow import TIMESTEPS, flow_loss, shift_timesteps
 from recaption.lens.model import MMDiT, TextNorm
@@ -219,3 +221,5 @@ def test_text_mix_carries_neighbouring_words_and_never_the_padding():
     reach = out.sum(1)[0] > 0
     assert reach[:3].all() and not reach[3:].any()  # tokens 0..2 read it (k // 2 = 2), no further
     assert MMDiT(load_lens_config("tiny", SMALL).model, 12, 3).text_mix is None
+    with pytest.raises(ConfigError, match="must be odd"):
+        load_lens_config("cpu", ["model.text_mix=4"])

@@ -60,6 +60,8 @@ class ModelConfig(Strict):
             )
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
+        if self.text_mix and self.text_mix % 2 == 0:
+            raise ValueError(f"text_mix {self.text_mix} must be odd (as many words each side)")
         return self
 
 

@@ -5,6 +5,9 @@ own adaLN-Zero modulation from the conditioning vector (timestep + pooled text);
 attention is shared, over the concatenated sequence. Image tokens are patches with fixed 2-D
 sine-cosine positions (DiT's frequencies, or fitted to the grid; optionally rotary positions in
 the attention too); the final layer predicts each patch (its velocity, or its clean pixels).
+Optionally (`text_mix`, the `cpu` preset's) each caption token is first mixed with its
+neighbours, channel by channel, so the words that place a shape reach the image with its
+colour and kind (MiniLM's tokens carry their own word only: docs/ablation/token_content.py).
 
 The model works on whatever `x` is: pixels here. A latent autoencoder would sit outside it,
 turning images into `x` and back (`channels` is the seam).
