@@ -13,8 +13,8 @@ from its checkpoint). `before`: `tiny` with the settings the ablation used befor
 budget, `minutes`, whatever the machine's pace); `fourth_pass`: it with the constant lr the
 fourth pass used; `third_pass`, `x_prediction`, `tokens_64`, `deep_narrow`, `heads_8`,
 `batch_16`, `batch_64`, `timesteps_mixed`, `shift_07`, `lr_5e-3`, `ninth_pass`,
-`positions_rope`, `twelfth_pass`, `mlp_2` and `fifteenth_pass`: the settings the causes ablation measured
-against it.
+`positions_rope`, `twelfth_pass`, `mlp_2`, `fifteenth_pass` and `sixteenth_pass`: the settings the
+causes ablation measured against it.
 Every caption is encoded once before anything is timed. Prints one table and writes
 OUT/bench.json. Torch uses the threads it is given (`OMP_NUM_THREADS`, `--threads`).
 """
@@ -73,7 +73,13 @@ CONFIGS = {
     # the shapes on every run measured, the kinds come out worse)
     "mlp_2": ("cpu", ["model.mlp_ratio=2"]),
     # the preset before the sixteenth pass: caption tokens unmixed, timesteps shifted by 1.5
-    "fifteenth_pass": ("cpu", ["model.text_mix=0", "timestep_shift=1.5"]),
+    "fifteenth_pass": (
+        "cpu",
+        ["model.text_mix=0", "timestep_shift=1.5", "model.text_depth=null"],
+    ),
+    # the preset before the seventeenth pass: the caption's tokens updated in every block but
+    # the last
+    "sixteenth_pass": ("cpu", ["model.text_depth=null"]),
 }
 MARKS = (0.2, 0.5, 1.0)  # of --minutes: 2, 5 and 10 minutes at the default
 

@@ -123,7 +123,8 @@ def test_the_last_block_skips_only_text_work_nothing_reads():
     from recaption.lens.model import JointBlock
 
     torch.manual_seed(0)
-    model = MMDiT(load_lens_config("cpu", [*SMALL, "model.depth=2"]).model, 12, text_layers=3)
+    cfg = load_lens_config("cpu", [*SMALL, "model.depth=2", "model.text_depth=null"])
+    model = MMDiT(cfg.model, 12, text_layers=3)
     for p in model.parameters():  # adaLN-Zero outputs 0 at init; wake it up
         torch.nn.init.normal_(p, std=0.05)
     x, t, text = torch.randn(3, 3, 32, 32), torch.rand(3), torch.randn(3, 5, 12)
@@ -222,3 +223,46 @@ def test_text_mix_carries_neighbouring_words_and_never_the_padding():
     assert MMDiT(load_lens_config("tiny", SMALL).model, 12, 3).text_mix is None
     with pytest.raises(ConfigError, match="must be odd"):
         load_lens_config("cpu", ["model.text_mix=4"])
+
+
+def test_a_caption_that_only_lends_keys_and_values():
+    """`model.text_depth: d`: blocks from d on do not update the caption's tokens. Their
+    text streams hold only what that takes (keys and values), every weight the model has
+    gets a gradient, and such a block computes exactly what the text-skipping last block of
+    a model without `text_depth` does with the same weights."""
+    torch.manual_seed(0)
+    full = MMDiT(
+        load_lens_config("cpu", [*SMALL, "model.depth=2", "model.text_depth=null"]).model, 12, 3
+    )
+    lends = MMDiT(
+        load_lens_config("cpu", [*SMALL, "model.depth=2", "model.text_depth=1"]).model, 12, 3
+    )
+    for p in full.parameters():  # adaLN-Zero outputs 0 at init; wake it up
+        torch.nn.init.normal_(p, std=0.05)
+    w = full.cfg.width
+    weights = full.state_dict()
+    # the lending stream's keys and values, and its norm's shift and scale, are the first
+    # rows after the queries, and the first two of the six modulations
+    weights["blocks.1.text.qkv.weight"] = weights["blocks.1.text.qkv.weight"][w:]
+    weights["blocks.1.text.qkv.bias"] = weights["blocks.1.text.qkv.bias"][w:]
+    weights["blocks.1.text.adaln.1.weight"] = weights["blocks.1.text.adaln.1.weight"][: 2 * w]
+    weights["blocks.1.text.adaln.1.bias"] = weights["blocks.1.text.adaln.1.bias"][: 2 * w]
+    unused = {k for k in weights if k.startswith("blocks.1.text.") and k not in lends.state_dict()}
+    assert unused == {
+        k for k in weights if k.startswith(("blocks.1.text.proj", "blocks.1.text.mlp"))
+    } | {"blocks.1.text.q_norm.weight"}
+    lends.load_state_dict({k: v for k, v in weights.items() if k not in unused})
+    x, t, text = torch.randn(3, 3, 32, 32), torch.rand(3), torch.randn(3, 5, 12)
+    mask = torch.tensor([[1, 1, 1, 0, 0]] * 3, dtype=torch.bool)
+    assert torch.allclose(lends(x, t, text, mask), full(x, t, text, mask), atol=1e-6)
+
+    none = MMDiT(
+        load_lens_config("cpu", [*SMALL, "model.depth=2", "model.text_depth=0"]).model, 12, 3
+    )
+    for p in none.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    none(x, t, text, mask).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in none.parameters())
+    assert sum(p.numel() for p in none.parameters()) < sum(p.numel() for p in full.parameters())
+    with pytest.raises(ConfigError, match="must be below depth"):
+        load_lens_config("cpu", ["model.text_depth=4"])

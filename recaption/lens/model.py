@@ -8,6 +8,9 @@ the attention too); the final layer predicts each patch (its velocity, or its cl
 Optionally (`text_mix`, the `cpu` preset's) each caption token is first mixed with its
 neighbours, channel by channel, so the words that place a shape reach the image with its
 colour and kind (MiniLM's tokens carry their own word only: docs/ablation/token_content.py).
+With `text_depth: 0` (the `cpu` preset's) the caption's tokens are never updated: each block's
+text stream only lends keys and values to the image's attention, as a cross-attention DiT's
+caption does, and a step costs three quarters of one that updates them.
 
 The model works on whatever `x` is: pixels here. A latent autoencoder would sit outside it,
 turning images into `x` and back (`channels` is the seam).
@@ -91,32 +94,41 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 class Stream(nn.Module):
-    """One stream's half of a joint block: its own modulation, QKV, projection and MLP."""
+    """One stream's half of a joint block: its own modulation, QKV, projection and MLP.
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    `lends_only`: the stream's tokens are not updated in this block; they only lend keys and
+    values to the attention, so it has no queries, projection or MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, lends_only: bool = False):
         super().__init__()
         self.heads = heads
+        self.lends_only = lends_only
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.q_norm = nn.RMSNorm(width // heads, eps=1e-6)  # QK-norm keeps attention stable
-        self.k_norm = nn.RMSNorm(width // heads, eps=1e-6)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width)
-        )
-        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        self.qkv = nn.Linear(width, (2 if lends_only else 3) * width)
+        self.k_norm = nn.RMSNorm(width // heads, eps=1e-6)  # QK-norm keeps attention stable
+        if not lends_only:
+            self.q_norm = nn.RMSNorm(width // heads, eps=1e-6)
+            self.proj = nn.Linear(width, width)
+            self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+            hidden = int(width * mlp_ratio)
+            self.mlp = nn.Sequential(
+                nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width)
+            )
+        # created last, as before `lends_only`, so a seed draws the same weights it did
+        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(width, (2 if lends_only else 6) * width))
         nn.init.zeros_(self.adaln[1].weight)  # adaLN-Zero: every block starts as identity
         nn.init.zeros_(self.adaln[1].bias)
 
     def attend_inputs(self, x: torch.Tensor, c: torch.Tensor) -> tuple[tuple, tuple]:
-        """(q, k, v) per head, and the modulation that `finish` uses."""
-        mod = self.adaln(c).chunk(6, dim=-1)
+        """(q, k, v) per head (q None for a stream that only lends), and the modulation that
+        `finish` uses."""
+        mod = self.adaln(c).chunk(2 if self.lends_only else 6, dim=-1)
         b, n, w = x.shape
         qkv = self.qkv(modulate(self.norm1(x), mod[0], mod[1]))
-        q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        return (self.q_norm(q), self.k_norm(k), v), mod
+        parts = qkv.view(b, n, -1, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        if self.lends_only:
+            return (None, self.k_norm(parts[0]), parts[1]), mod
+        return (self.q_norm(parts[0]), self.k_norm(parts[1]), parts[2]), mod
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor, mod: tuple) -> torch.Tensor:
         _, _, gate1, shift2, scale2, gate2 = mod
@@ -125,9 +137,9 @@ class Stream(nn.Module):
 
 
 class JointBlock(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, text_lends_only: bool = False):
         super().__init__()
-        self.text = Stream(width, heads, mlp_ratio)
+        self.text = Stream(width, heads, mlp_ratio, lends_only=text_lends_only)
         self.image = Stream(width, heads, mlp_ratio)
 
     def forward(
@@ -139,21 +151,22 @@ class JointBlock(nn.Module):
         last: bool = False,
         angles: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`last`: nothing reads the text stream after this block, so its queries, projection
-        and MLP are skipped (SD3's last block does the same); the text is returned as it came.
+        """`last`: the text is not updated in this block (nothing reads it after the last
+        block, as in SD3; or the text stream only lends keys and values), so its queries,
+        projection and MLP are skipped; the text is returned as it came.
         `angles`: the image queries and keys are turned by their patch's place (`rotary_2d`);
         the text's are not, as in FLUX."""
-        t_qkv, t_mod = self.text.attend_inputs(txt, c)
-        i_qkv, i_mod = self.image.attend_inputs(img, c)
+        last = last or self.text.lends_only
+        (t_q, t_k, t_v), t_mod = self.text.attend_inputs(txt, c)
+        (i_q, i_k, i_v), i_mod = self.image.attend_inputs(img, c)
         if angles is not None:
-            i_qkv = (rotate(i_qkv[0], angles), rotate(i_qkv[1], angles), i_qkv[2])
-        q, k, v = (torch.cat(pair, dim=2) for pair in zip(t_qkv, i_qkv, strict=True))
-        n = txt.shape[1]
-        if last:
-            q = q[:, :, n:]
+            i_q, i_k = rotate(i_q, angles), rotate(i_k, angles)
+        q = i_q if last else torch.cat([t_q, i_q], dim=2)
+        k, v = torch.cat([t_k, i_k], dim=2), torch.cat([t_v, i_v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).flatten(2)
         if last:
             return txt, self.image.finish(img, out, i_mod)
+        n = txt.shape[1]
         return self.text.finish(txt, out[:, :n], t_mod), self.image.finish(img, out[:, n:], i_mod)
 
 
@@ -204,8 +217,15 @@ class MMDiT(nn.Module):
                 self.text_mix.weight[:, 0, k // 2] = 1
         self.time_mlp = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
         self.pooled_mlp = nn.Sequential(nn.Linear(text_dim, w), nn.SiLU(), nn.Linear(w, w))
+        # the blocks that update the caption's tokens; in the others (after `text_depth`) the
+        # caption only lends keys and values. Unset: all but the last, whose text stream
+        # keeps its unused weights, so runs from before `text_depth` still load
+        self.text_depth = cfg.depth - 1 if cfg.text_depth is None else cfg.text_depth
         self.blocks = nn.ModuleList(
-            JointBlock(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)
+            JointBlock(
+                w, cfg.heads, cfg.mlp_ratio, cfg.text_depth is not None and i >= cfg.text_depth
+            )
+            for i in range(cfg.depth)
         )
         self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(w, 2 * w))
@@ -235,7 +255,7 @@ class MMDiT(nn.Module):
         # keys that may be attended to: real text tokens and every image token
         keep = torch.cat([mask, mask.new_ones(b, img.shape[1])], dim=1)[:, None, None, :]
         for i, block in enumerate(self.blocks):
-            txt, img = block(txt, img, c, keep, i == len(self.blocks) - 1, self.angles)
+            txt, img = block(txt, img, c, keep, i >= self.text_depth, self.angles)
         shift, scale = self.final_adaln(c).chunk(2, dim=-1)
         out = self.unpatchify(self.patch_out(modulate(self.final_norm(img), shift, scale)))
         if self.cfg.prediction == "velocity":
