@@ -2,7 +2,7 @@
 scene corpus: steps/s and the prompt-following curve at 2, 5 and 10 minutes of training.
 
     python bench/lens_bench.py [--minutes 10] [--scenes 2000] [--n 4] [--out runs/bench-lens]
-                               [--configs before,after]
+                               [--configs before,after] [--set seed=1 ...]
 
 Makes the ablation's corpus (`recaption scenes`, captioned by the offline analyzer), then for
 each configuration trains for the wall time, stopping at 20%, 50% and 100% of it (2, 5 and
@@ -122,8 +122,11 @@ def warm_text_cache(corpus: Path, cfg: LensConfig, cache: Path) -> None:
         encoder(captions[i : i + 256])
 
 
-def bench_config(name: str, corpus: Path, out: Path, minutes: float, n: int) -> dict:
+def bench_config(
+    name: str, corpus: Path, out: Path, minutes: float, n: int, extra: list[str]
+) -> dict:
     preset, settings = CONFIGS[name]
+    settings = [*settings, *extra]
     run_dir, cache = out / name, out / "text-cache"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: never resume an earlier bench's
     warm_text_cache(corpus, load_lens_config(preset, settings), cache)
@@ -174,6 +177,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--out", default="runs/bench-lens")
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for every config, e.g. seed=1 (repeatable)",
+    )
+    parser.add_argument(
         "--configs", default="before,after", help=f"comma-separated, of {', '.join(CONFIGS)}"
     )
     args = parser.parse_args()
@@ -184,7 +194,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     corpus = make_corpus(out, args.scenes)
-    results = {name: bench_config(name, corpus, out, args.minutes, args.n) for name in names}
+    results = {
+        name: bench_config(name, corpus, out, args.minutes, args.n, args.set) for name in names
+    }
     print(f"\nLens trainer, {torch.get_num_threads()} threads, {args.minutes:g} min per config:")
     print(
         "| config | steps/s | samples/s | "

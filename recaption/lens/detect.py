@@ -52,6 +52,17 @@ def solidity(mask: np.ndarray) -> float:
     return float(mask.sum() / max(1.0, cv2.contourArea(hull)))
 
 
+def corner_notch(mask: np.ndarray) -> int:
+    """Pixels missing from the four 2x2 corner blocks of a shape's box: at most 5 for a
+    rendered square at 32x32, its corners blended by the resize (docs/ablation/
+    square_corners.py), at least 8 for a circle."""
+    return 16 - sum(
+        int(mask[r, c].sum())
+        for r in (slice(0, 2), slice(-2, None))
+        for c in (slice(0, 2), slice(-2, None))
+    )
+
+
 def classify(mask: np.ndarray) -> str:
     """Kind of one shape from its mask, cropped to its box. The rules and thresholds were
     measured on scenes rendered at 32x32: a triangle is widest at its base, a square fills
@@ -63,14 +74,7 @@ def classify(mask: np.ndarray) -> str:
     third = max(1, h // 3)
     if np.argmax(widths) >= 0.55 * h and widths[-third:].mean() >= 2 * widths[:third].mean():
         return "triangle"
-    # pixels missing from the four 2x2 corner blocks: at most 4 for a square (blurred
-    # corners), at least 8 for a circle
-    notch = 16 - sum(
-        int(mask[r, c].sum())
-        for r in (slice(0, 2), slice(-2, None))
-        for c in (slice(0, 2), slice(-2, None))
-    )
-    if notch <= 6:
+    if corner_notch(mask) <= 6:
         return "square"
     convex = solidity(mask)
     return "star" if convex < 0.83 else "circle"
