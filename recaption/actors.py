@@ -4,11 +4,17 @@ that holds it for every worker (the limiter, the spend cap, the batch queue)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import ray
 
+log = logging.getLogger(__name__)
+
 ACTOR_TRIES = 5  # calls to a shared actor whose process died, while Ray restarts it
+# its methods answer in milliseconds: none in a minute is a call Ray lost (seen once after a
+# node died: a restarted limiter never ran a caller's resubmitted lease, and the run hung)
+CALL_TIMEOUT_S = 60.0
 
 
 def shared_actor(cls: type) -> Any:
@@ -34,14 +40,18 @@ class Handle:
             return getattr(self.target, method)(*args)
         tries = 0
         while True:
+            ref = getattr(self.target, method).remote(*args)
             try:
-                return await getattr(self.target, method).remote(*args)
-            except ray.exceptions.RayActorError:
+                return await asyncio.wait_for(ref, CALL_TIMEOUT_S)
+            except (ray.exceptions.RayActorError, TimeoutError) as exc:
                 # the actor's process died: Ray restarts it (max_restarts=-1), empty, and
                 # a call lost with it is a short wait here, not an image rejected
                 tries += 1
                 if tries == ACTOR_TRIES:
                     raise
+                if isinstance(exc, TimeoutError):
+                    log.warning("%s: no answer in %.0f s, asked again", method, CALL_TIMEOUT_S)
+                    ray.cancel(ref)
                 await asyncio.sleep(0.25 * tries)
 
     def tell(self, method: str, *args: Any) -> None:

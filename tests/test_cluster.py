@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from openai_server import OpenAIServer, repeated_successes
 from test_resume import KEY, assert_complete, overrides
 
@@ -26,6 +27,10 @@ def test_a_dead_worker_node_costs_no_row(shards, tmp_path):
         )  # fmt: skip
         try:
             stdout, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"the run hung; its log ends:\n{stderr[-6000:]}")
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
