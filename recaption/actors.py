@@ -12,8 +12,9 @@ import ray
 log = logging.getLogger(__name__)
 
 ACTOR_TRIES = 5  # calls to a shared actor whose process died, while Ray restarts it
-# its methods answer in milliseconds: none in a minute is a call Ray lost (seen once after a
-# node died: a restarted limiter never ran a caller's resubmitted lease, and the run hung)
+# its methods answer in milliseconds: none in a minute is a call Ray lost. Seen once, after a
+# node died: both workers' leases were resubmitted to the restarted limiter, none came back,
+# and the run hung until killed
 CALL_TIMEOUT_S = 60.0
 
 
