@@ -1,6 +1,7 @@
 """Exactly once: kill -9 the run, kill a worker, crash before the manifest, fail a write;
 the re-run completes the corpus with no key lost or doubled and no answered call repeated."""
 
+import contextlib
 import json
 import os
 import random
@@ -91,19 +92,29 @@ def test_a_killed_worker_is_replaced_and_its_shard_resumed(ray_cluster, shards, 
             "pipelines/openai.yaml", overrides(server, shards, corpus, "ray.workers=2")
         )
 
-        def kill_a_worker() -> None:
-            while len(server.events) < 30:
-                time.sleep(0.02)
-            workers = [  # this session's Ray only: its raylet is our child
-                p
-                for p in psutil.Process().children(recursive=True)
-                if "ray::ShardWorker" in " ".join(p.cmdline())
-            ]
-            os.kill(workers[0].pid, signal.SIGKILL)
+        def answering() -> psutil.Process | None:
+            """A worker whose open journal has answers (on a loaded machine one worker can
+            answer the first 30 alone while the other's journals are still empty)."""
+            for p in psutil.Process().children(recursive=True):  # this session's Ray only
+                if "ray::ShardWorker" in " ".join(p.cmdline()):
+                    with contextlib.suppress(psutil.Error):
+                        journals = [f.path for f in p.open_files() if f.path.endswith(".jsonl")]
+                        if any(os.path.getsize(j) for j in journals):
+                            return p
+            return None
 
+        def kill_a_worker() -> None:
+            while not finished.is_set():
+                if len(server.events) >= 30 and (victim := answering()) is not None:
+                    os.kill(victim.pid, signal.SIGKILL)
+                    return
+                time.sleep(0.02)
+
+        finished = threading.Event()
         killer = threading.Thread(target=kill_a_worker)
         killer.start()
         summary = run(cfg, show_progress=False)
+        finished.set()
         killer.join()
         events = list(server.events)
     assert not summary.failed and len(summary.finished) == 3
