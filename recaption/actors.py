@@ -45,8 +45,8 @@ class Handle:
             try:
                 return await asyncio.wait_for(ref, CALL_TIMEOUT_S)
             except (ray.exceptions.RayActorError, TimeoutError) as exc:
-                # the actor's process died: Ray restarts it (max_restarts=-1), empty, and
-                # a call lost with it is a short wait here, not an image rejected
+                # the actor's process died (Ray restarts it, max_restarts=-1, empty) or the
+                # call was lost: a short wait here and asked again, not an image rejected
                 tries += 1
                 if tries == ACTOR_TRIES:
                     raise
