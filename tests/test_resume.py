@@ -96,11 +96,12 @@ def test_a_killed_worker_is_replaced_and_its_shard_resumed(ray_cluster, shards, 
             """A worker whose open journal has answers (on a loaded machine one worker can
             answer the first 30 alone while the other's journals are still empty)."""
             for p in psutil.Process().children(recursive=True):  # this session's Ray only
-                if "ray::ShardWorker" in " ".join(p.cmdline()):
-                    with contextlib.suppress(psutil.Error):
-                        journals = [f.path for f in p.open_files() if f.path.endswith(".jsonl")]
-                        if any(os.path.getsize(j) for j in journals):
-                            return p
+                with contextlib.suppress(psutil.Error, OSError):  # it or a journal just went
+                    if "ray::ShardWorker" not in " ".join(p.cmdline()):
+                        continue
+                    journals = [f.path for f in p.open_files() if f.path.endswith(".jsonl")]
+                    if any(os.path.getsize(j) for j in journals):
+                        return p
             return None
 
         def kill_a_worker() -> None:
