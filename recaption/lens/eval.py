@@ -84,6 +84,41 @@ def detector_accuracy(prompts: list[Prompt], image_size: int, scenes: int = 1000
     }
 
 
+def read_labelled(png: Path, labels: Path) -> tuple[list[np.ndarray], list[str]]:
+    """A person's reading of generated images (eval/detector/): `png` holds one row of
+    32x32 images per prompt of `geneval_prompts()`, `labels` a line per row with a
+    character per image (1: shows what the prompt asks, 0: does not, ?: can't tell)."""
+    from PIL import Image
+
+    rows = [line.split()[0] for line in labels.read_text().splitlines() if line[:1] != "#"]
+    grid = np.asarray(Image.open(png).convert("RGB"))
+    n, size = len(rows[0]), grid.shape[1] // len(rows[0])
+    images = grid.reshape(len(rows), size, n, size, 3).transpose(0, 2, 1, 3, 4)
+    return list(images), rows
+
+
+def person_agreement(prompts: list[Prompt], images: list[np.ndarray], rows: list[str]) -> dict:
+    """The detector against a person on generated images: the share of the images both
+    read alike (those the person could tell), and each one's accuracy per category."""
+    same, told = 0, 0
+    detector: dict[str, list[bool]] = defaultdict(list)
+    person: dict[str, list[bool]] = defaultdict(list)
+    for prompt, batch, row in zip(prompts, images, rows, strict=True):
+        for image, label in zip(batch, row, strict=True):
+            ok = passes(prompt, detect(image))
+            detector[prompt.category].append(ok)
+            if label != "?":
+                person[prompt.category].append(label == "1")
+                same += ok == (label == "1")
+                told += 1
+    return {
+        "agreement": same / told,
+        "images": told,
+        "detector": {c: float(np.mean(v)) for c, v in detector.items()},
+        "person": {c: float(np.mean(v)) for c, v in person.items()},
+    }
+
+
 def blind_accuracy(prompts: list[Prompt], image_size: int, n: int, seed: int = 0) -> dict:
     """What a model that ignores the prompt would score: n random scenes of the training
     distribution per prompt, as the trainer sees them, scored like generated images. The
