@@ -104,11 +104,12 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | (outside[1:-1, 1:-1] == 0)
 
 
-def with_specks(mask: np.ndarray, foreground: np.ndarray, share: float = 0.35) -> np.ndarray:
+def with_specks(
+    mask: np.ndarray, ring: np.ndarray, foreground: np.ndarray, share: float = 0.35
+) -> np.ndarray:
     """A shape's mask with the specks of other colours that touch or pierce it (each at most
-    `share` of its size) and the holes they leave: a red fleck in a purple circle does not
-    make it a star."""
-    ring = cv2.dilate(mask.astype(np.uint8), _SQUARE).astype(bool)
+    `share` of its size; `ring` is the mask grown by a pixel) and the holes they leave: a red
+    fleck in a purple circle does not make it a star."""
     count, specks, stats, _ = cv2.connectedComponentsWithStats(
         (foreground & ~mask).astype(np.uint8), connectivity=4
     )
@@ -148,7 +149,7 @@ def detect(rgb: np.ndarray, min_pixels: int = 6, max_blend: float = 16.0) -> Det
         ring = cv2.dilate(mask.astype(np.uint8), _SQUARE).astype(bool)
         if any(p >= 2 * pixels and (ring & m).any() for j, m, p, _ in parts if j != index):
             continue
-        shape = with_specks(mask, foreground)
+        shape = with_specks(mask, ring, foreground)
         ys, xs = np.nonzero(shape)
         box = shape[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
         cell = cell_of(cx / w, cy / h)
